@@ -1,0 +1,1 @@
+"""TC-AE core library: tokenizer, trainer, evaluation. No orchestration code lives here."""

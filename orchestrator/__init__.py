@@ -1,0 +1,1 @@
+"""Sweep orchestrator: grid expansion, validation, submission (submitit), results database."""

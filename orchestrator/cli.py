@@ -1,0 +1,56 @@
+"""`orchestrate` console script.
+
+Exit codes: 0 ok, 2 bad input (the message names the file / run / key), 1 runtime failure.
+Each sub-command lives in ``orchestrator/commands/<name>.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Order = order in --help.
+COMMANDS = ["submit", "status", "query", "ingest", "retry", "cancel", "figures", "db"]
+
+DEFAULT_DB = "sqlite:///results.db"
+
+
+class UsageError(Exception):
+    """Bad input: reported on stderr, exit code 2."""
+
+
+def db_url(args: argparse.Namespace) -> str:
+    return getattr(args, "db", None) or os.environ.get("ORCHESTRATE_DB") or DEFAULT_DB
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrate", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"orchestrator.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"orchestrator.commands.{name}":
+                continue  # command not built yet
+            raise
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        p.add_argument("--db", default=None, help=f"SQLAlchemy URL (default: $ORCHESTRATE_DB or {DEFAULT_DB})")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as e:
+        print(f"orchestrate {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
