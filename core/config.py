@@ -93,6 +93,7 @@ class FinetuneConfig(Section):
     adv_start_step: int = 0
     disc_lr: float = 2e-4
     diffaug: bool = True
+    disc_image_size: int = 224  # D input side (DINO: 224); smaller for CPU runs with the substitute
 
 
 class OptimConfig(Section):
@@ -138,6 +139,7 @@ class GeneratorConfig(Section):
     cfg_scale: float = 1.0
     num_samples: int = 512
     eval_at: list[int] = []  # extra steps at which gFID/IS are measured (Fig. 6); the last step always is
+    time_shift: float | None = None  # flow time shift s; None = RAE's sqrt(prod(latent_shape) / 4096)
 
 
 class RunConfig(Section):

@@ -1,0 +1,38 @@
+"""Datasets: the embedded synthetic set and ImageFolder (ImageNet-256 protocol).
+
+Every dataset yields ``(image float32 (3, H, W) in [-1, 1], label int)`` and offers
+``render_uint8(index) -> (H, W, 3) uint8``, ``label(index)`` and ``num_classes``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from core.data.imagefolder import ImageFolderDataset, center_crop_arr
+from core.data.sampler import DeterministicBatchSampler
+from core.data.synthetic import SyntheticShapes
+
+if TYPE_CHECKING:
+    from core.config import DataConfig
+
+__all__ = [
+    "build_dataset", "SyntheticShapes", "ImageFolderDataset", "center_crop_arr", "DeterministicBatchSampler",
+]
+
+
+def build_dataset(data_cfg: "DataConfig", split: str):
+    """The ``split`` ('train' | 'val') dataset described by ``data_cfg``.
+
+    Raises
+    ------
+    ValueError / FileNotFoundError naming the offending ``data.*`` key or path.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r} must be 'train' or 'val'")
+    if data_cfg.name == "synthetic":
+        size = data_cfg.train_size if split == "train" else data_cfg.val_size
+        return SyntheticShapes(split, size, data_cfg.image_size, data_cfg.num_classes, data_cfg.seed)
+    if data_cfg.name == "imagefolder":
+        if not data_cfg.root:
+            raise ValueError("data.root must be set when data.name is 'imagefolder'")
+        return ImageFolderDataset(data_cfg.root, split, data_cfg.image_size)
+    raise ValueError(f"data.name={data_cfg.name!r} is not a known dataset")

@@ -1,0 +1,193 @@
+"""FID and Inception Score through torch-fidelity, with two backbones.
+
+* ``inception-v3-compat``: torch-fidelity's own TF-compatible InceptionV3, loaded from a
+  LOCAL weights file (``eval.inception_weights``, torch-fidelity's
+  ``weights-inception-2015-12-05-*.pth``) via its ``feature_extractor_weights_path``
+  argument — nothing is downloaded.  These are the paper's rFID/gFID/IS.
+* ``embedded-featnet-v1``: the project's offline feature network (``core.eval.featnet``),
+  registered with torch-fidelity as a feature extractor: 'pool' (B, 128) for FID,
+  'logits_unbiased' for IS (mirroring Inception's protocol).  A proxy: its numbers are
+  recorded with this backbone name and never compared with Inception FID.
+
+Both go through ``torch_fidelity.calculate_metrics`` so the statistics code is theirs.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from core.eval.featnet import FEATNET_NAME, load_featnet
+
+INCEPTION_NAME = "inception-v3-compat"
+_BACKBONES = {"embedded": FEATNET_NAME, FEATNET_NAME: FEATNET_NAME,
+              "inception": INCEPTION_NAME, INCEPTION_NAME: INCEPTION_NAME}
+
+
+class FeatureExtractorFeatNet(FeatureExtractorBase):
+    """torch-fidelity feature extractor around the embedded feature network.
+
+    Takes uint8 (B, 3, H, W); any H, W (resized to the native 32x32 inside).
+    ``feature_extractor_weights_path`` (torch-fidelity's kwarg) selects a weights file;
+    None = the committed ``core/assets/featnet_v1.pt``.
+    """
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        self.net = load_featnet(feature_extractor_weights_path)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"{FEATNET_NAME} expects uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        pool, logits = self.net.features(x.float() / 127.5 - 1.0)  # (B, 128), (B, K)
+        out = {"pool": pool, "logits": logits, "logits_unbiased": logits - self.net.head.bias}
+        return tuple(out[name].float() for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "pool", "logits_unbiased", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits_unbiased", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+
+if FEATNET_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(FEATNET_NAME, FeatureExtractorFeatNet)
+
+
+class Uint8Images(Dataset):
+    """Dataset view of a uint8 (N, 3, H, W) tensor, the input type torch-fidelity expects."""
+
+    def __init__(self, images: torch.Tensor, name: str):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{name}: expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        self.images = images.cpu()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def resolve_backbone(eval_cfg) -> str:
+    """The FID backbone name for an :class:`core.config.EvalConfig`.
+
+    'auto' = Inception when ``eval.inception_weights`` is an existing file, else the
+    embedded network (with a warning when a path was given but is missing; the backbone
+    name recorded beside every number says which one ran).  'inception' with a missing
+    file is an error.
+    """
+    weights = eval_cfg.inception_weights
+    have = weights is not None and Path(weights).expanduser().is_file()
+    if eval_cfg.fid_backbone == "inception" and not have:
+        raise FileNotFoundError(
+            f"eval.inception_weights: file not found: {weights} "
+            "(eval.fid_backbone='inception' needs the local torch-fidelity Inception weights)"
+        )
+    if eval_cfg.fid_backbone == "embedded" or not have:
+        if weights is not None and not have:
+            warnings.warn(f"eval.inception_weights: file not found: {weights}; using {FEATNET_NAME}", stacklevel=2)
+        return FEATNET_NAME
+    return INCEPTION_NAME
+
+
+def fidelity_kwargs(backbone: str, inception_weights: str | None = None, device: str | None = None,
+                    batch_size: int = 64) -> dict:
+    """The torch-fidelity keyword arguments selecting ``backbone`` offline (no download, no cache)."""
+    name = _BACKBONES.get(backbone)
+    if name is None:
+        raise ValueError(f"unknown FID backbone {backbone!r}; use one of {sorted(_BACKBONES)}")
+    weights = None
+    if name == INCEPTION_NAME:
+        if inception_weights is None or not Path(inception_weights).expanduser().is_file():
+            raise FileNotFoundError(f"eval.inception_weights: file not found: {inception_weights}")
+        weights = str(Path(inception_weights).expanduser())
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "feature_extractor": name,
+        "feature_extractor_weights_path": weights,  # None -> featnet's committed asset
+        "cuda": torch.device(device).type == "cuda",
+        "batch_size": batch_size,
+        "cache": False,  # never write feature caches under $TORCH_HOME
+        "save_cpu_ram": True,  # DataLoader without worker processes
+        "verbose": False,
+    }
+
+
+def compute_fid_is(fake_uint8: torch.Tensor, real_uint8: torch.Tensor, backbone: str = "embedded",
+                   inception_weights: str | None = None, isc: bool = True, device: str | None = None,
+                   batch_size: int = 64) -> dict:
+    """FID between two image sets and the Inception Score of the first.
+
+    Parameters
+    ----------
+    fake_uint8, real_uint8 : uint8 (N, 3, H, W) images (reconstructions or samples; data).
+    backbone : 'embedded' | 'inception' (or the full names from :func:`resolve_backbone`).
+    inception_weights : local torch-fidelity Inception weights file (backbone 'inception').
+    isc : also compute the Inception Score of ``fake_uint8`` (10 splits, or N if fewer).
+    device : 'cpu' | 'cuda'; None = cuda when available.
+
+    Returns
+    -------
+    dict(fid, inception_score, inception_score_std (None when isc=False), backbone=NAME,
+    num_fake, num_real).
+    """
+    kwargs = fidelity_kwargs(backbone, inception_weights, device, batch_size)
+    fake, real = Uint8Images(fake_uint8, "fake images"), Uint8Images(real_uint8, "real images")
+    if len(fake) < 2 or len(real) < 2:
+        raise ValueError(f"FID needs at least 2 images per set, got {len(fake)} fake and {len(real)} real")
+    metrics = torch_fidelity.calculate_metrics(
+        input1=fake, input2=real, fid=True, isc=isc, isc_splits=min(10, len(fake)), **kwargs
+    )
+    return {
+        "fid": float(metrics["frechet_inception_distance"]),
+        "inception_score": float(metrics["inception_score_mean"]) if isc else None,
+        "inception_score_std": float(metrics["inception_score_std"]) if isc else None,
+        "backbone": kwargs["feature_extractor"],
+        "num_fake": len(fake),
+        "num_real": len(real),
+    }
+
+
+class _RandomInception(FeatureExtractorInceptionV3):
+    # Keeps the random initialisation instead of loading weights.
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return None
+
+
+def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised state dict in torch-fidelity's Inception weights format.
+
+    For offline tests and benchmarks of the loading path only: features from it are
+    meaningless as a quality measure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = path.with_suffix(".empty.pt")
+    torch.save({}, empty)  # any existing file stops the constructor from downloading
+    torch.manual_seed(seed)
+    model = _RandomInception(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=str(empty))
+    empty.unlink()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            # He init keeps activations alive through the 40+ layers (torch's default
+            # init shrinks them to a constant), so features still differ between images.
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,0 +1,220 @@
+"""Evaluation stage entry point: ``python -m core.evaluate CONFIG.yaml --tokenizer-dir DIR --out-dir DIR``.
+
+Reconstruction metrics of a trained tokenizer on held-out (val) images — PSNR, SSIM,
+LPIPS, rFID — and the linear probe before/after the bottleneck with the structure loss
+(paper Sec. 3.3).  Writes ``out_dir/{config.yaml, result.json}`` (docs/ARCHITECTURE.md);
+called again on a directory with a complete ``result.json`` it returns that result.
+
+Protocol: the first ``eval.num_samples`` val images are reconstructed with the EMA
+weights; both images are quantised to uint8 before every metric.  rFID compares the
+reconstructions (fake) with the same val images (real).  The probe is fitted on pooled
+features of the first ``eval.probe_train`` train images and scored on the first
+``eval.probe_val`` val images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from core.config import ConfigError, RunConfig, config_hash, load_config, save_config
+from core.data import build_dataset
+from core.eval.fid import compute_fid_is, resolve_backbone
+from core.eval.metrics import psnr, psnr_mean, ssim, to_uint8
+from core.eval.probe import linear_probe, structure_loss
+from core.io import write_json_atomic
+from core.losses.perceptual import build_perceptual_loss
+from core.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+METRICS = ("psnr", "ssim", "lpips", "rfid", "probe_acc_before", "probe_acc_after", "structure_loss")
+
+
+def _complete_result(path: Path) -> dict | None:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    names = {m.get("name") for m in result.get("metrics", [])}
+    return result if result.get("stage") == STAGE and names >= set(METRICS) else None
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def _loader(dataset, n: int, cfg: RunConfig, desc: str):
+    """The first n items of ``dataset`` in order, batched, with a progress bar."""
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=cfg.eval.batch_size, shuffle=False,
+                        num_workers=cfg.data.num_workers)
+    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
+
+
+def _take(dataset, n: int, key: str) -> int:
+    if n > len(dataset):
+        raise ConfigError(f"{key}={n} exceeds the {len(dataset)} images of the split; lower {key}")
+    return n
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, dataset, n: int, cfg: RunConfig, device: torch.device) -> dict:
+    """PSNR/SSIM/LPIPS/rFID of the first n images of ``dataset`` (see the module docstring)."""
+    lpips, lpips_name = build_perceptual_loss(cfg.loss, device)
+    psnrs, ssims, dists, reals, fakes = [], [], [], [], []
+    for x, _ in _loader(dataset, n, cfg, "reconstruct"):
+        x = x.to(device)
+        x_hat, _ = model(x)
+        real, fake = to_uint8(x), to_uint8(x_hat)  # (B, 3, H, W) uint8
+        psnrs.append(psnr(fake, real).cpu())
+        ssims.append(ssim(fake, real).cpu())
+        # LPIPS on the quantised images too, back in [-1, 1]
+        dists.append(lpips(fake.float() / 127.5 - 1, real.float() / 127.5 - 1).cpu())
+        reals.append(real.cpu())
+        fakes.append(fake.cpu())
+    psnrs, ssims, dists = torch.cat(psnrs), torch.cat(ssims), torch.cat(dists)
+    fid_name = resolve_backbone(cfg.eval)
+    fid = compute_fid_is(torch.cat(fakes), torch.cat(reals), fid_name, cfg.eval.inception_weights, isc=False,
+                         device=device.type, batch_size=cfg.eval.batch_size)
+    return {
+        "psnr": psnr_mean(psnrs), "ssim": float(ssims.mean()), "lpips": float(dists.mean()), "rfid": fid["fid"],
+        "lpips_backbone": lpips_name, "fid_backbone": fid["backbone"],
+        "psnr_identical_images": int(torch.isinf(psnrs).sum()),
+    }
+
+
+@torch.no_grad()
+def probe_features(model, dataset, n: int, cfg: RunConfig, device: torch.device, desc: str):
+    """(pooled tokens (n, d), pooled latent (n, c), labels (n,)) of the first n images."""
+    before, after, labels = [], [], []
+    for x, y in _loader(dataset, n, cfg, desc):
+        tokens, latent = model.probe_features(x.to(device))
+        before.append(tokens.float().cpu())
+        after.append(latent.float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(before), torch.cat(after), torch.cat(labels)
+
+
+def _metric(name: str, value: float, step: int | None, backbone: str | None, num_samples: int) -> dict[str, Any]:
+    return {"name": name, "value": value, "step": step, "backbone": backbone, "num_samples": num_samples}
+
+
+def _tokenizer_step(tokenizer_dir: Path) -> int | None:
+    # The tokenizer's final step, from its result.json (None when it has none yet).
+    try:
+        return int(json.loads((tokenizer_dir / "result.json").read_text())["info"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _prepare_out_dir(cfg: RunConfig, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = out_dir / "config.yaml"
+    if saved.exists() and config_hash(load_config(saved)) != config_hash(cfg):
+        raise ConfigError(f"{saved}: the directory holds an evaluation of a different config; use a new --out-dir")
+    save_config(cfg, saved)
+
+
+def evaluate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
+    """Evaluate the tokenizer trained in ``tokenizer_dir``; write and return the result.
+
+    Parameters
+    ----------
+    cfg : the resolved run config (its model/data sections must match the tokenizer run's).
+    tokenizer_dir : a ``core.train`` run directory.
+    out_dir : where ``config.yaml`` and ``result.json`` go (created).
+
+    Returns
+    -------
+    The result dict: metrics psnr, ssim, lpips, rfid, probe_acc_before, probe_acc_after,
+    structure_loss (accuracies are fractions), each with its backbone and sample count.
+
+    Raises
+    ------
+    ConfigError when the configs disagree or a sample count exceeds its split.
+    """
+    from core.train import load_tokenizer  # the trainer's loader (EMA weights when kept)
+
+    tokenizer_dir, out_dir = Path(tokenizer_dir).resolve(), Path(out_dir).resolve()
+    done = _complete_result(out_dir / "result.json")
+    if done is not None:
+        log.info("evaluation %s is complete; returning its result.json", out_dir)
+        return done
+    _prepare_out_dir(cfg, out_dir)
+    device = _device(cfg)
+    seed = seed_everything(cfg.train.seed)
+    model, tok_cfg = load_tokenizer(tokenizer_dir, ema=True, map_location=device)
+    for section in ("model", "data"):
+        if getattr(tok_cfg, section) != getattr(cfg, section):
+            raise ConfigError(f"{tokenizer_dir}/config.yaml: its '{section}' section differs from the evaluation config")
+
+    t0 = time.time()
+    val, train = build_dataset(cfg.data, "val"), build_dataset(cfg.data, "train")
+    n_rec = _take(val, cfg.eval.num_samples, "eval.num_samples")
+    n_ptrain = _take(train, cfg.eval.probe_train, "eval.probe_train")
+    n_pval = _take(val, cfg.eval.probe_val, "eval.probe_val")
+    rec = reconstruction_metrics(model, val, n_rec, cfg, device)
+    tb, ta, ty = probe_features(model, train, n_ptrain, cfg, device, "probe train")
+    vb, va, vy = probe_features(model, val, n_pval, cfg, device, "probe val")
+    probe_kw = {"method": cfg.eval.probe, "num_classes": getattr(val, "num_classes", None), "device": device}
+    before = linear_probe(tb, ty, vb, vy, **probe_kw)
+    after = linear_probe(ta, ty, va, vy, **probe_kw)
+
+    step = _tokenizer_step(tokenizer_dir)
+    metrics = [
+        _metric("psnr", rec["psnr"], step, None, n_rec),
+        _metric("ssim", rec["ssim"], step, None, n_rec),
+        _metric("lpips", rec["lpips"], step, rec["lpips_backbone"], n_rec),
+        _metric("rfid", rec["rfid"], step, rec["fid_backbone"], n_rec),
+        _metric("probe_acc_before", before["acc"], step, None, n_pval),
+        _metric("probe_acc_after", after["acc"], step, None, n_pval),
+        _metric("structure_loss", structure_loss(before["acc"], after["acc"]), step, None, n_pval),
+    ]
+    result = {
+        "stage": STAGE,
+        "metrics": metrics,
+        "artifacts": [{"kind": "config", "path": str(out_dir / "config.yaml")},
+                      {"kind": "tokenizer", "path": str(tokenizer_dir)}],
+        "info": {
+            "lpips_backbone": rec["lpips_backbone"], "fid_backbone": rec["fid_backbone"],
+            "probe_method": cfg.eval.probe, "probe_lam_before": before["lam"], "probe_lam_after": after["lam"],
+            "probe_train": n_ptrain, "probe_val": n_pval, "psnr_identical_images": rec["psnr_identical_images"],
+            "accuracy_unit": "fraction", "quantised_uint8": True, "seed": cfg.train.seed, "effective_seed": seed,
+            "device": str(device), "eval_time_s": round(time.time() - t0, 2), "config_hash": config_hash(cfg),
+            "torch_version": torch.__version__,
+        },
+    }
+    write_json_atomic(out_dir / "result.json", result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.evaluate", description="Evaluate a trained TC-AE tokenizer.")
+    parser.add_argument("config", nargs="?", help="YAML run config (defaults when omitted)")
+    parser.add_argument("--tokenizer-dir", required=True, help="the core.train run directory")
+    parser.add_argument("--out-dir", required=True, help="output directory (config.yaml, result.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config)
+        result = evaluate(cfg, args.tokenizer_dir, args.out_dir)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log.info("done: %s", ", ".join(f"{m['name']}={m['value']:.4g}" for m in result["metrics"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

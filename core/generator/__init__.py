@@ -1,0 +1,1 @@
+"""Latent generator for gFID/IS: flow matching, latent encoding, DiT training."""

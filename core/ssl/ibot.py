@@ -1,0 +1,67 @@
+"""iBOT loss (Zhou et al. 2021): DINO's class-token loss + masked patch-token distillation.
+
+    L_cls : :func:`core.ssl.dino.cross_crop_loss` (teacher global q vs student crop v ≠ q)
+    L_mim : for each global crop q (student masked, teacher not), per image
+            Σ_{masked n} Σ_k −p_t[q, b, n, k] · log_softmax(s[q, b, n] / τ_s)_k  /  max(#masked_b, 1),
+            averaged over images and over the 2 global crops (unmasked images count as 0)
+
+Separate centres for class and patch outputs, both EMA-updated after the loss (the patch
+centre from all teacher tokens).  Shapes: ``student_patch`` (M, K) — the student's masked
+tokens only, ``masks[masks]`` order (its head never runs on tokens the loss ignores);
+``teacher_patch`` (2·B, N, K); ``masks`` (2·B, N) bool.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.ssl.dino import cross_crop_loss, teacher_temperature, update_center
+
+
+def masked_patch_loss(student_masked: torch.Tensor, teacher_masked: torch.Tensor, masks: torch.Tensor,
+                      student_temp: float) -> torch.Tensor:
+    """Per-image mean CE over masked tokens, averaged over all images of both global crops.
+
+    ``student_masked`` / ``teacher_masked`` (M, K) hold only the masked tokens, in the order
+    of ``masks[masks]`` (row-major); ``masks`` (2B, N).  Unmasked images count as 0.
+    """
+    ce = torch.sum(-teacher_masked * F.log_softmax(student_masked / student_temp, dim=-1), dim=-1)  # (M,)
+    per_image = masks.sum(dim=-1).clamp(min=1).to(ce.dtype)  # (2B,) masked tokens per image
+    weight = (1.0 / per_image)[masks.nonzero()[:, 0]]  # (M,) 1 / #masked of each token's image
+    return (ce * weight).sum() / masks.shape[0]
+
+
+class iBOTLoss(nn.Module):
+    """Class-token + masked-image-modelling distillation (``ssl.method: ibot``, the default)."""
+
+    uses_patches = True
+    uses_masks = True
+
+    def __init__(self, out_dim: int, patch_out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.07,
+                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0,
+                 center_momentum: float = 0.9, **_):
+        super().__init__()
+        self.student_temp = student_temp
+        self.temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_steps)
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("patch_center", torch.zeros(1, 1, patch_out_dim))
+
+    def teacher_temp(self, step: int) -> float:
+        # iBOT warms class and patch temperatures with separate knobs; both are 0.04 -> 0.07 here
+        return teacher_temperature(step, *self.temps)
+
+    def forward(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor, step: int,
+                student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
+                **_) -> dict[str, torch.Tensor]:
+        temp = self.teacher_temp(step)
+        t_cls = F.softmax((teacher_cls - self.center) / temp, dim=-1).detach()
+        t_patch = F.softmax((teacher_patch - self.patch_center) / temp, dim=-1).detach()[masks]
+        losses = {
+            "cls": cross_crop_loss(student_cls, t_cls, self.student_temp),
+            "mim": masked_patch_loss(student_patch, t_patch, masks, self.student_temp),
+        }
+        update_center(self.center, teacher_cls.detach(), self.center_momentum)
+        update_center(self.patch_center, teacher_patch.detach(), self.center_momentum)
+        return losses

@@ -1,0 +1,105 @@
+"""Crash-safe training checkpoints and the RNG state they carry.
+
+Layout: ``run_dir/checkpoints/step_{N:08d}.pt`` plus ``latest.pt`` (a hard link to the
+newest one, or a copy where links are unsupported).  Every file is written to a temp file,
+fsynced and renamed, so a reader — or a resumed job after SIGKILL — sees either the old or
+the new checkpoint, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest.pt"
+_STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def _replace_atomic(write, path: Path) -> None:
+    """Run ``write(tmp_path)``, fsync the file, rename it onto ``path``, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _link_or_copy(src: Path, dst: str) -> None:
+    os.unlink(dst)  # mkstemp created it
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write ``state`` as ``step_{step:08d}.pt``, point ``latest.pt`` at it, keep the newest ``keep_last``."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    _replace_atomic(lambda tmp: torch.save(state, tmp), path)
+    _replace_atomic(lambda tmp: _link_or_copy(path, tmp), ckpt_dir / LATEST)
+    steps = sorted(p for p in ckpt_dir.iterdir() if _STEP_FILE.match(p.name))
+    for old in steps[: max(0, len(steps) - max(1, keep_last))]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest ``step_*.pt`` (complete by construction), else ``latest.pt``, else None.
+
+    The step file is trusted over ``latest.pt`` because a kill between writing the two
+    leaves ``latest.pt`` one checkpoint behind.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    steps = sorted(ckpt_dir.glob("step_*.pt")) if ckpt_dir.is_dir() else []
+    steps = [p for p in steps if _STEP_FILE.match(p.name)]
+    if steps:
+        return steps[-1]
+    path = ckpt_dir / LATEST
+    return path if path.is_file() else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file; a clear error names the file when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False: checkpoints hold python/numpy RNG states (trusted, our own files).
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 — re-raised with the file name
+        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and (when present) CUDA generator states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,33 @@
+"""Exponential moving average of a model's weights (evaluation copy)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+class EMA:
+    """``shadow ← decay · shadow + (1 − decay) · weights`` after every optimizer step.
+
+    The shadow is a frozen deep copy of the model; buffers are copied as they are.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"optim.ema={decay} must be in (0, 1)")
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for s, p in zip(self.shadow.parameters(), model.parameters()):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+        for s, b in zip(self.shadow.buffers(), model.buffers()):
+            s.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.shadow.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow.load_state_dict(state)

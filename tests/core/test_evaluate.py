@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from core.config import ConfigError, load_config
+from core.eval.featnet import DEFAULT_WEIGHTS, FEATNET_NAME
+from core.eval.metrics import psnr, to_uint8
+from core.evaluate import METRICS, evaluate, main
+
+pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="featnet weights not built yet")
+
+OVERRIDES = {
+    "train.steps": 5, "train.ckpt_every": 5, "train.log_every": 1, "train.device": "cpu",
+    "data.train_size": 96, "data.val_size": 48, "data.batch_size": 8, "data.num_classes": 4,
+    "eval.num_samples": 40, "eval.probe_train": 96, "eval.probe_val": 48, "eval.batch_size": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from core.train import train
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, OVERRIDES)
+    run_dir = tmp_path_factory.mktemp("tok")
+    train(cfg, run_dir)
+    return cfg, run_dir
+
+
+def test_evaluate_end_to_end(tokenizer, tmp_path):
+    from core.data import build_dataset
+    from core.train import load_tokenizer
+
+    cfg, run_dir = tokenizer
+    out = tmp_path / "eval"
+    result = evaluate(cfg, run_dir, out)
+
+    on_disk = json.loads((out / "result.json").read_text())
+    assert on_disk == result and (out / "config.yaml").is_file()
+    m = {x["name"]: x for x in result["metrics"]}
+    assert set(m) == set(METRICS)
+    assert m["psnr"]["backbone"] is None and m["psnr"]["num_samples"] == 40 and m["psnr"]["step"] == 5
+    assert m["lpips"]["backbone"] == "lpips-substitute-featnet-v1" == result["info"]["lpips_backbone"]
+    assert m["rfid"]["backbone"] == FEATNET_NAME and m["rfid"]["value"] > 0
+    assert 0 < m["ssim"]["value"] < 1 and m["lpips"]["value"] > 0
+    for name in ("probe_acc_before", "probe_acc_after"):
+        assert 0 <= m[name]["value"] <= 1 and m[name]["num_samples"] == 48
+    before, after = m["probe_acc_before"]["value"], m["probe_acc_after"]["value"]
+    assert m["structure_loss"]["value"] == pytest.approx(1 - after / before)
+
+    # Independent check of PSNR: reconstruct the same val images outside evaluate().
+    model, _ = load_tokenizer(run_dir)
+    val = build_dataset(cfg.data, "val")
+    x = torch.stack([val[i][0] for i in range(40)])
+    with torch.no_grad():
+        x_hat, _ = model(x)
+    assert m["psnr"]["value"] == pytest.approx(float(psnr(to_uint8(x_hat), to_uint8(x)).mean()), rel=1e-5)
+
+    # Idempotent: the complete result is returned without recomputation.
+    (out / "config.yaml").unlink()
+    assert evaluate(cfg, run_dir, out) == result
+    assert not (out / "config.yaml").exists()
+
+
+def test_cli_and_config_errors(tokenizer, tmp_path):
+    cfg, run_dir = tokenizer
+    too_many = load_config(None, {**OVERRIDES, "eval.num_samples": 1000})
+    with pytest.raises(ConfigError, match="eval.num_samples"):
+        evaluate(too_many, run_dir, tmp_path / "a")
+    other_model = load_config(None, {**OVERRIDES, "model.latent_channels": 8})
+    with pytest.raises(ConfigError, match="'model' section"):
+        evaluate(other_model, run_dir, tmp_path / "b")
+    assert main(["--tokenizer-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "c")]) == 2
+
+
+def test_cli_writes_result(tokenizer, tmp_path):
+    from core.config import save_config
+
+    cfg, run_dir = tokenizer
+    save_config(cfg, tmp_path / "run.yaml")
+    out = tmp_path / "cli"
+    assert main([str(tmp_path / "run.yaml"), "--tokenizer-dir", str(run_dir), "--out-dir", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert {m["name"] for m in result["metrics"]} == set(METRICS)
+    assert load_config(out / "config.yaml") == cfg
