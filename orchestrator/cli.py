@@ -53,4 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-import so that UsageError raised by commands is the same class as the one caught here.
+    from orchestrator.cli import main as _main
+
+    sys.exit(_main())
