@@ -1,0 +1,76 @@
+"""`orchestrate submit SWEEP.yaml`: validate, plan, submit (or print the plan)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from orchestrator.cli import UsageError, db_url
+from orchestrator.sweep import EXECUTORS, SweepError, load_sweep
+
+NAME = "submit"
+HELP = "validate a sweep file and submit its runs (skips runs already finished or queued)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("--executor", choices=EXECUTORS, default=None, help="override the sweep file's executor")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, arrays, dependencies), submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until every submitted stage is over, then ingest")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def load_or_usage_error(path: str):
+    try:
+        return load_sweep(path)
+    except SweepError as e:
+        raise UsageError(f"invalid sweep ({len(e.errors)} problems):\n{e}") from None
+
+
+def existing_store(url: str):
+    """The store if the database exists (a dry run must not create one), else None."""
+    from orchestrator.db.store import Store, sqlite_path
+
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
+    store = Store(url)
+    return store if store.current_revision() is not None else None
+
+
+def print_result(result, as_json: bool, dry_run: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=1, default=str))
+        return
+    print(result.plan.describe())
+    if dry_run:
+        print("dry run: nothing submitted")
+        return
+    for arr in result.plan.arrays:
+        if arr.job_id:
+            print(f"array{arr.index} ({arr.stage}): slurm job {arr.job_id.split('_')[0]}")
+    if result.states:
+        counts: dict[str, int] = {}
+        for st in result.states.values():
+            counts[st] = counts.get(st, 0) + 1
+        print("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.submit import open_store, submit_sweep
+
+    sweep = load_or_usage_error(args.sweep)  # before the database is touched
+    url = db_url(args)
+    if sweep.spec.search is not None:
+        if args.dry_run:
+            raise UsageError(f"{args.sweep}: --dry-run is not available for a search sweep")
+        from orchestrator.search import run_search
+
+        summary = run_search(open_store(url), sweep, executor=args.executor)
+        print(json.dumps(summary, indent=1) if args.json else
+              f"study {summary['study']}: {summary['n_trials']} trials, best {summary['best_value']} "
+              f"at {summary['best_params']}")
+        return 0
+    store = existing_store(url) if args.dry_run else open_store(url)
+    result = submit_sweep(store, sweep, executor=args.executor, dry_run=args.dry_run, wait=args.wait)
+    print_result(result, args.json, args.dry_run)
+    return 1 if any(st == "failed" for st in result.states.values()) else 0

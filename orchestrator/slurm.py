@@ -1,0 +1,114 @@
+"""Thin wrappers over the Slurm command-line tools the orchestrator needs.
+
+* :func:`max_array_size` — the cluster's ``MaxArraySize`` (``scontrol show config``),
+  the bound for chunking arrays (submitit does not split them itself).
+* :func:`job_states` — states of many jobs with **one** ``sacct`` call.
+* :func:`cancel` — ``scancel`` many jobs with one call.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+
+# Slurm states that are not final (PREEMPTED/REQUEUED jobs come back).
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "PREEMPTED", "STAGE_OUT", "SIGNALING", "STOPPED", "RESV_DEL_HOLD"}
+# final Slurm state -> stage state in the database
+FINAL_STATES = {"COMPLETED": "finished", "FAILED": "failed", "CANCELLED": "cancelled", "TIMEOUT": "failed",
+                "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default when the config cannot be read
+
+
+class SlurmError(RuntimeError):
+    pass
+
+
+def available() -> bool:
+    """True when sbatch is on PATH and the controller answers."""
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+def _run(cmd: list[str], timeout: float = 60) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise SlurmError(f"{' '.join(cmd[:3])} ... failed (exit {out.returncode}): {out.stderr.strip()}")
+    return out.stdout
+
+
+@functools.lru_cache(maxsize=1)
+def max_array_size() -> int:
+    """``MaxArraySize`` from ``scontrol show config``; array indices must stay below it."""
+    try:
+        text = _run(["scontrol", "show", "config"])
+    except (SlurmError, OSError, subprocess.TimeoutExpired):
+        return DEFAULT_MAX_ARRAY_SIZE
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", text, re.M)
+    return int(m.group(1)) if m else DEFAULT_MAX_ARRAY_SIZE
+
+
+def chunks(items: list, size: int) -> list[list]:
+    """Split ``items`` into consecutive lists of at most ``size`` (one job array each)."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [items[i:i + size] for i in range(0, len(items), size)] or []
+
+
+def _expand(job_id: str) -> list[str]:
+    """``123_[0-3,7%2]`` -> ``123_0 .. 123_3, 123_7``; other ids unchanged."""
+    m = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job_id)
+    if not m:
+        return [job_id]
+    out = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def job_states(job_ids: list[str]) -> dict[str, dict]:
+    """State of every job / array element in ``job_ids`` with one ``sacct`` call.
+
+    Parameters
+    ----------
+    job_ids : ids like ``"123"`` or ``"123_4"``; arrays are queried by their array id.
+
+    Returns
+    -------
+    ``{job_id: {"state": "COMPLETED", "start": "...", "end": "...", "exit_code": "0:0"}}``
+    for the ids sacct knows (``CANCELLED by 0`` is reported as ``CANCELLED``).  An element of
+    a pending array that sacct still lists as a range is expanded.
+    """
+    wanted = set(job_ids)
+    if not wanted:
+        return {}
+    bases = sorted({j.split("_")[0] for j in wanted})
+    text = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End,ExitCode",
+                 "-j", ",".join(bases)], timeout=120)
+    out: dict[str, dict] = {}
+    bare: dict[str, dict] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 5:
+            continue
+        jid, state, start, end, code = parts[:5]
+        info = {"state": state.split()[0] if state else "UNKNOWN", "start": start, "end": end, "exit_code": code}
+        if "_" not in jid:
+            bare[jid] = info
+        for one in _expand(jid):
+            if one in wanted:
+                out[one] = info
+    # an array that never started (e.g. cancelled while pending) is one record under its bare id
+    for one in wanted - set(out):
+        if one.split("_")[0] in bare:
+            out[one] = bare[one.split("_")[0]]
+    return out
+
+
+def cancel(job_ids: list[str]) -> None:
+    """``scancel`` the given jobs / array elements (one call; unknown ids are ignored)."""
+    if job_ids:
+        subprocess.run(["scancel", *sorted(set(job_ids))], capture_output=True, text=True, timeout=120)

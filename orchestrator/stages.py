@@ -1,0 +1,271 @@
+"""The functions jobs run: one per stage, plus the wrapper that writes the result file.
+
+A job knows only two strings: the stage name and the run's directory
+``{runs_root}/{sweep}/{run_hash}``.  Everything else is read at job start from files
+the orchestrator wrote before submission — ``config.yaml`` (resolved RunConfig) and
+``run.json`` (run hash, sweep name, axis values, stage options) — so a requeued job never
+reloads a stale state baked into its pickle.  Each attempt writes one immutable result
+file via :func:`orchestrator.results.write_result_file`; jobs never open the database.
+
+Run as a subprocess (the ``local`` executor): ``python -m orchestrator.stages STAGE RUN_ROOT``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+import yaml
+
+from core.config import RunConfig, load_config
+from core.io import write_json_atomic
+from orchestrator.results import make_payload, result_path, write_result_file
+
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class StageContext:
+    stage: str
+    run_root: Path
+    out_dir: Path  # {run_root}/{stage}
+    tree: dict  # config.yaml as a plain dict (the resolved config)
+    run: dict  # run.json
+    params: dict  # this stage's options from the sweep file
+    attempt: int
+    _config: RunConfig | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> RunConfig:
+        # Built on first use: validating a RunConfig imports the model code (torch), which
+        # the built-in stages do not need.
+        if self._config is None:
+            self._config = load_config(self.tree, origin=str(self.run_root / "config.yaml"))
+        return self._config
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _core_result(res: dict | None, resumed_from: str | None) -> dict:
+    res = res or {}
+    info = {**res.get("info", {}), "resumed_from": resumed_from}
+    return {"metrics": res.get("metrics", []), "artifacts": res.get("artifacts", []), "info": info}
+
+
+def _latest_checkpoint(out_dir: Path) -> str | None:
+    """Name of the newest ``step_*`` checkpoint the core entry will resume from (None: fresh start)."""
+    steps = sorted((out_dir / "checkpoints").glob("step_*"))
+    return steps[-1].name if steps else None
+
+
+def tokenizer_stage(ctx: StageContext) -> dict:
+    from core.train import train  # lazy: jobs of other stages never import torch models
+
+    resumed_from = _latest_checkpoint(ctx.out_dir)
+    return _core_result(train(ctx.config, ctx.out_dir), resumed_from)
+
+
+def evaluate_stage(ctx: StageContext) -> dict:
+    from core.evaluate import evaluate
+
+    return _core_result(evaluate(ctx.config, ctx.run_root / "tokenizer", ctx.out_dir), None)
+
+
+def generator_stage(ctx: StageContext) -> dict:
+    from core.generate import generate
+
+    resumed_from = _latest_checkpoint(ctx.out_dir)
+    return _core_result(generate(ctx.config, ctx.run_root / "tokenizer", ctx.out_dir), resumed_from)
+
+
+def echo_stage(ctx: StageContext) -> dict:
+    """Needs no core code: reports the run's seed and which parents' results exist."""
+    parents = sorted(p.name for p in (ctx.run_root / "results").glob("*.json"))
+    return {"metrics": [{"name": "echo", "value": float(ctx.tree["train"]["seed"])}], "info": {"parents": parents}}
+
+
+def dotted_get(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def selftest_stage(ctx: StageContext) -> dict:
+    """A checkpointable counter standing in for training (needs no core code).
+
+    Counts ``train.steps`` steps (``params.step_s`` seconds each), folding each step into
+    a checksum; saves ``{step, checksum}`` every ``train.ckpt_every`` steps and resumes
+    from the latest save.  An interrupted-and-resumed run therefore ends with the same
+    checksum as an uninterrupted one.  ``objective = (x - target)^2`` with ``x`` the
+    config value at ``params.objective_key`` (default ``loss.ssl``) feeds search tests.
+    ``params.fail_when`` ({dotted key: value}) makes matching runs raise while
+    ``params.fail_marker`` (a path; None = always) exists.
+    """
+    p, tree = ctx.params, ctx.tree
+    fail_when = p.get("fail_when") or {}
+    if fail_when and all(dotted_get(tree, k) == v for k, v in fail_when.items()):
+        marker = p.get("fail_marker")
+        if marker is None or Path(marker).exists():
+            print(f"selftest: failing on purpose ({fail_when})", file=sys.stderr, flush=True)
+            raise RuntimeError(f"selftest failure requested for {fail_when}")
+    steps, every = tree["train"]["steps"], max(1, tree["train"]["ckpt_every"])
+    ckpt_dir = ctx.out_dir / "checkpoints"
+    saved = sorted(ckpt_dir.glob("step_*.json"))
+    state = json.loads(saved[-1].read_text()) if saved else {"step": 0, "checksum": tree["train"]["seed"]}
+    with open(ctx.out_dir / "starts.txt", "a") as f:  # one line per (re)start: where it resumed
+        f.write(f"{state['step']}\n")
+    while state["step"] < steps:
+        time.sleep(float(p.get("step_s", 0.0)))
+        state["step"] += 1
+        state["checksum"] = (state["checksum"] * 31 + state["step"] ** 2) % 1_000_003
+        if state["step"] % every == 0 or state["step"] == steps:
+            write_json_atomic(ckpt_dir / f"step_{state['step']:08d}.json", state)
+        (ctx.out_dir / "progress.txt").write_text(f"{state['step']}\n")
+    starts = [int(x) for x in (ctx.out_dir / "starts.txt").read_text().split()]
+    x = float(dotted_get(tree, p.get("objective_key", "loss.ssl")))
+    metrics = [
+        {"name": "checksum", "value": float(state["checksum"]), "step": steps},
+        {"name": "objective", "value": (x - float(p.get("target", 2.0))) ** 2, "step": steps},
+    ]
+    return {"metrics": metrics, "info": {"starts": starts}}
+
+
+STAGES: dict[str, Callable[[StageContext], dict]] = {
+    "tokenizer": tokenizer_stage,
+    "evaluate": evaluate_stage,
+    "generator": generator_stage,
+    "echo": echo_stage,
+    "selftest": selftest_stage,
+}
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+
+def next_attempt(run_root: Path, stage: str) -> int:
+    """1 + the highest attempt already written for this stage (retries and requeues count)."""
+    n = 1
+    while result_path(run_root, stage, n).exists():
+        n += 1
+    return n
+
+
+def _log_file() -> Path | None:
+    """This job's stderr: the local executor says where; under submitit ask its environment."""
+    if os.environ.get("ORCHESTRATE_LOG"):
+        return Path(os.environ["ORCHESTRATE_LOG"])
+    try:
+        return submitit.JobEnvironment().paths.stderr
+    except RuntimeError:  # not inside a submitit job
+        return None
+
+
+def _log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> str | None:
+    if path is None or not path.exists():
+        return None
+    sys.stderr.flush()
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _slurm_ids() -> tuple[str | None, str | None]:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}", array
+    return os.environ.get("SLURM_JOB_ID"), None
+
+
+def _write(run_root: Path, run: dict, stage: str, attempt: int, status: str, started: datetime,
+           config: dict, body: dict, error: dict | None = None) -> Path:
+    job_id, array_id = _slurm_ids()
+    info = dict(body.get("info") or {})
+    info["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    payload = make_payload(
+        run_hash=run["run_hash"], sweep=run["sweep"], stage=stage, attempt=attempt, status=status,
+        started_at=started, ended_at=datetime.now(timezone.utc), config=config, params=run.get("params", {}),
+        metrics=body.get("metrics"), artifacts=body.get("artifacts"), error=error, host=socket.gethostname(),
+        git_commit=run.get("git_commit"), executor=os.environ.get("ORCHESTRATE_EXECUTOR", run.get("executor")),
+        slurm_job_id=job_id, slurm_array_id=array_id, info=info,
+    )
+    return write_result_file(run_root, stage, attempt, payload)
+
+
+def read_run(run_root: str | Path) -> tuple[dict, dict]:
+    """``run.json`` and ``config.yaml`` (as a dict) of a run directory."""
+    run_root = Path(run_root)
+    run = json.loads((run_root / "run.json").read_text())
+    return run, yaml.safe_load((run_root / "config.yaml").read_text())
+
+
+def run_stage(stage: str, run_root: str | Path) -> str:
+    """Run one stage of one run and write its result file; re-raise the stage's exception.
+
+    Returns the path of the result file (a string, cheap to pickle back).
+    """
+    run_root = Path(run_root)
+    started = datetime.now(timezone.utc)
+    run, tree = read_run(run_root)
+    attempt = next_attempt(run_root, stage)
+    out_dir = run_root / stage
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(stage, run_root, out_dir, tree, run, run.get("stages", {}).get(stage, {}), attempt)
+    try:
+        body = STAGES[stage](ctx)
+    except Exception as e:
+        traceback.print_exc()
+        error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc(),
+                 "log_tail": _log_tail(_log_file())}
+        _write(run_root, run, stage, attempt, "failed", started, tree, {}, error)
+        raise
+    return str(_write(run_root, run, stage, attempt, "finished", started, tree, body))
+
+
+class StageTask(submitit.helpers.Checkpointable):
+    """What a Slurm array element runs: pickles only the stage name and the run directory.
+
+    On preemption / time-out submitit calls :meth:`checkpoint` (in the job, from the
+    USR2 handler): it records a ``preempted`` result (so attempts are counted) and
+    requeues a *fresh* task; the stage function finds its latest checkpoint on restart.
+    """
+
+    def __init__(self, stage: str, run_root: str):
+        self.stage = stage
+        self.run_root = str(run_root)
+
+    def __call__(self) -> str:
+        return run_stage(self.stage, self.run_root)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        run_root = Path(self.run_root)
+        try:
+            run, tree = read_run(run_root)
+            now = datetime.now(timezone.utc)
+            _write(run_root, run, self.stage, next_attempt(run_root, self.stage), "preempted", now,
+                   tree, {"info": {"reason": "preempted or timed out; requeued"}})
+        except Exception:  # never block the requeue on bookkeeping
+            traceback.print_exc()
+        return submitit.helpers.DelayedSubmission(StageTask(self.stage, self.run_root))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in STAGES:
+        print(f"usage: python -m orchestrator.stages {{{','.join(STAGES)}}} RUN_ROOT", file=sys.stderr)
+        return 2
+    try:
+        run_stage(argv[0], argv[1])
+    except Exception:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
