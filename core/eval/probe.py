@@ -45,6 +45,13 @@ def _ridge_solver(x: torch.Tensor, y: torch.Tensor):
     return solve
 
 
+def _stratified_fifth(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) bool mask: the 5th, 10th, ... occurrence of each class."""
+    onehot = F.one_hot(labels).long()  # (N, K)
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # occurrence index of each sample within its class
+    return rank % 5 == 4
+
+
 def _ridge(train_x, train_y, val_x, val_y, num_classes: int) -> dict:
     # float64 throughout: the normal equations lose digits fast in float32.
     train_x, val_x = train_x.double(), val_x.double()
@@ -52,9 +59,9 @@ def _ridge(train_x, train_y, val_x, val_y, num_classes: int) -> dict:
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     onehot = F.one_hot(train_y, num_classes).double()
 
-    # Held-out fifth for λ: every 5th sample (deterministic, class-balanced for label = i % K).
-    held = torch.zeros(len(train_x), dtype=torch.bool)
-    held[4::5] = True
+    # Held-out fifth for λ: every 5th sample *within each class* (deterministic and stratified;
+    # a plain every-5th-index split would hold out only two classes when labels cycle i % 10).
+    held = _stratified_fifth(train_y)
     fx, fy = train_x[~held], onehot[~held]
     fx_mean, fy_mean = fx.mean(0), fy.mean(0)
     solve = _ridge_solver(fx - fx_mean, fy - fy_mean)
