@@ -205,10 +205,19 @@ def read_run(run_root: str | Path) -> tuple[dict, dict]:
     return run, yaml.safe_load((run_root / "config.yaml").read_text())
 
 
+# Stages whose core entry point runs data-parallel: a Slurm job with N GPUs gets N tasks (ranks).
+DISTRIBUTED_STAGES = ("tokenizer",)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def run_stage(stage: str, run_root: str | Path) -> str:
     """Run one stage of one run and write its result file; re-raise the stage's exception.
 
-    Returns the path of the result file (a string, cheap to pickle back).
+    Returns the path of the result file (a string, cheap to pickle back). In a multi-task
+    (DDP) job every rank runs the stage and only rank 0 writes the result file.
     """
     run_root = Path(run_root)
     started = datetime.now(timezone.utc)
@@ -217,6 +226,9 @@ def run_stage(stage: str, run_root: str | Path) -> str:
     out_dir = run_root / stage
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(stage, run_root, out_dir, tree, run, run.get("stages", {}).get(stage, {}), attempt)
+    if _rank() != 0:
+        STAGES[stage](ctx)
+        return ""
     try:
         body = STAGES[stage](ctx)
     except Exception as e:
@@ -241,15 +253,19 @@ class StageTask(submitit.helpers.Checkpointable):
         self.run_root = str(run_root)
 
     def __call__(self) -> str:
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            # RANK/WORLD_SIZE/MASTER_ADDR/PORT for torch.distributed, from the Slurm task layout.
+            submitit.helpers.TorchDistributedEnvironment().export()
         return run_stage(self.stage, self.run_root)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         run_root = Path(self.run_root)
         try:
-            run, tree = read_run(run_root)
-            now = datetime.now(timezone.utc)
-            _write(run_root, run, self.stage, next_attempt(run_root, self.stage), "preempted", now,
-                   tree, {"info": {"reason": "preempted or timed out; requeued"}})
+            if _rank() == 0:  # one preempted record per attempt, not one per DDP rank
+                run, tree = read_run(run_root)
+                now = datetime.now(timezone.utc)
+                _write(run_root, run, self.stage, next_attempt(run_root, self.stage), "preempted", now,
+                       tree, {"info": {"reason": "preempted or timed out; requeued"}})
         except Exception:  # never block the requeue on bookkeeping
             traceback.print_exc()
         return submitit.helpers.DelayedSubmission(StageTask(self.stage, self.run_root))

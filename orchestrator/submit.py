@@ -26,7 +26,7 @@ from core.config import config_dict
 from orchestrator import slurm
 from orchestrator.db.store import Store
 from orchestrator.plan import Plan, build_plan, stages_to_run
-from orchestrator.stages import StageTask, next_attempt, run_stage
+from orchestrator.stages import DISTRIBUTED_STAGES, StageTask, next_attempt, run_stage
 from orchestrator.sweep import RunSpec, Sweep, SweepFile, build_sweep, load_sweep
 
 ACTIVE = ("queued", "running", "preempted")  # submitted and not over: never submit twice
@@ -242,6 +242,8 @@ def _sbatch_params(sweep: Sweep, stage: str, res, dependency: str | None) -> dic
             params[key] = value
     if res.gpus:
         params["gpus_per_node"] = res.gpus
+        if stage in DISTRIBUTED_STAGES:
+            params["ntasks_per_node"] = res.gpus  # one DDP rank per GPU (core.train reads RANK/WORLD_SIZE)
     return params
 
 

@@ -108,3 +108,35 @@ def test_debug_executor_matches_reference_and_config_change_is_a_new_run(tmp_pat
     # more steps: a different resolved config, hence 4 new runs
     assert main(["submit", str(make_sweep(tmp_path, marker, steps=9, executor="debug")), "--db", url]) == 0
     assert len(store.finished_run_hashes("loc")) == 8
+
+
+def test_multi_gpu_tokenizer_stage_gets_one_task_per_gpu(tmp_path):
+    from orchestrator.submit import _sbatch_params
+    from orchestrator.sweep import load_sweep
+
+    doc = yaml.safe_load(make_sweep(tmp_path, tmp_path / "m").read_text())
+    doc["stages"] = {"tokenizer": {"needs": [], "resources": {"gpus": 8}},
+                     "evaluate": {"needs": ["tokenizer"], "resources": {"gpus": 8}}}
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    sweep = load_sweep(path)
+    tok = _sbatch_params(sweep, "tokenizer", sweep.spec.stages["tokenizer"].resources, None)
+    ev = _sbatch_params(sweep, "evaluate", sweep.spec.stages["evaluate"].resources, "afterok:1")
+    assert tok["gpus_per_node"] == 8 and tok["ntasks_per_node"] == 8  # DDP: one rank per GPU
+    assert ev["gpus_per_node"] == 8 and "ntasks_per_node" not in ev  # single-process stage
+
+
+def test_only_rank_zero_writes_the_result_file(tmp_path, monkeypatch):
+    from orchestrator.stages import run_stage
+
+    path = make_sweep(tmp_path, tmp_path / "absent", steps=3)
+    assert main(["submit", str(path), "--dry-run", "--db", f"sqlite:///{tmp_path / 'r.db'}"]) == 0
+    assert main(["submit", str(path), "--executor", "debug", "--db", f"sqlite:///{tmp_path / 'r.db'}"]) == 0
+    run_root = result_files(tmp_path)[0].parents[1]
+    before = sorted(p.name for p in (run_root / "results").iterdir())
+    monkeypatch.setenv("RANK", "1")
+    assert run_stage("selftest", run_root) == ""
+    assert sorted(p.name for p in (run_root / "results").iterdir()) == before
+    monkeypatch.setenv("RANK", "0")
+    written = run_stage("selftest", run_root)
+    assert written.endswith("selftest.attempt2.json")
