@@ -30,7 +30,7 @@ from core.data import build_dataset
 from core.eval.fid import compute_fid_is, resolve_backbone
 from core.eval.metrics import psnr, psnr_mean, ssim, to_uint8
 from core.eval.probe import linear_probe, structure_loss
-from core.io import write_json_atomic
+from core.io import read_complete_result, write_json_atomic
 from core.losses.perceptual import build_perceptual_loss
 from core.seed import seed_everything
 
@@ -38,15 +38,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 METRICS = ("psnr", "ssim", "lpips", "rfid", "probe_acc_before", "probe_acc_after", "structure_loss")
-
-
-def _complete_result(path: Path) -> dict | None:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    names = {m.get("name") for m in result.get("metrics", [])}
-    return result if result.get("stage") == STAGE and names >= set(METRICS) else None
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -147,7 +138,7 @@ def evaluate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> 
     from core.train import load_tokenizer  # the trainer's loader (EMA weights when kept)
 
     tokenizer_dir, out_dir = Path(tokenizer_dir).resolve(), Path(out_dir).resolve()
-    done = _complete_result(out_dir / "result.json")
+    done = read_complete_result(out_dir / "result.json", STAGE, METRICS)
     if done is not None:
         log.info("evaluation %s is complete; returning its result.json", out_dir)
         return done

@@ -20,7 +20,7 @@ import yaml
 
 from core.config import ConfigError, RunConfig, config_hash, load_config, save_config
 from core.data import build_dataset
-from core.io import write_json_atomic
+from core.io import read_complete_result, write_json_atomic
 from core.models.tokenizer import TCAE, build_tokenizer, tokenizer_args
 from core.seed import seed_everything
 from core.trainer import distributed as D
@@ -33,15 +33,6 @@ log = logging.getLogger(__name__)
 STAGE = "tokenizer"
 METRICS = ("train_loss", "params_encoder", "params_decoder", "gflops_encoder", "gflops_decoder", "gflops_total",
            "train_time_s")
-
-
-def _complete_result(path: Path) -> dict | None:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    names = {m.get("name") for m in result.get("metrics", [])}
-    return result if result.get("stage") == STAGE and names >= set(METRICS) else None
 
 
 def _checkpoint_path(path: str | Path) -> Path:
@@ -163,7 +154,7 @@ def train(cfg: RunConfig, run_dir: str | Path, stop_at_step: int | None = None) 
         (for staged runs and tests); the returned dict then has ``"stopped_at"``.
     """
     run_dir = Path(run_dir).resolve()
-    done = _complete_result(run_dir / "result.json")
+    done = read_complete_result(run_dir / "result.json", STAGE, METRICS)
     if done is not None:
         log.info("tokenizer run %s is complete; returning its result.json", run_dir)
         return done
@@ -190,7 +181,7 @@ def train(cfg: RunConfig, run_dir: str | Path, stop_at_step: int | None = None) 
             result = _result(cfg, run_dir, trainer, backbone, seed, info)
             write_json_atomic(run_dir / "result.json", result)
         D.barrier(info)
-        return result if result is not None else _complete_result(run_dir / "result.json")
+        return result if result is not None else read_complete_result(run_dir / "result.json", STAGE, METRICS)
     finally:
         D.cleanup(info)
 

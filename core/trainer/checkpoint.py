@@ -11,34 +11,16 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from core.io import replace_atomic
+
 LATEST = "latest.pt"
 _STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
-
-
-def _replace_atomic(write, path: Path) -> None:
-    """Run ``write(tmp_path)``, fsync the file, rename it onto ``path``, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _link_or_copy(src: Path, dst: str) -> None:
@@ -54,8 +36,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step_{step:08d}.pt"
-    _replace_atomic(lambda tmp: torch.save(state, tmp), path)
-    _replace_atomic(lambda tmp: _link_or_copy(path, tmp), ckpt_dir / LATEST)
+    replace_atomic(lambda tmp: torch.save(state, tmp), path)
+    replace_atomic(lambda tmp: _link_or_copy(path, tmp), ckpt_dir / LATEST)
     steps = sorted(p for p in ckpt_dir.iterdir() if _STEP_FILE.match(p.name))
     for old in steps[: max(0, len(steps) - max(1, keep_last))]:
         old.unlink(missing_ok=True)
