@@ -25,9 +25,9 @@ def make_study(store: Store, sweep: Sweep):
     import optuna
 
     spec = sweep.spec.search
-    # Our schema is created first (Store.upgrade); Optuna then finds alembic_version
-    # already stamped (by us) and must not compare it with its own revisions.
-    storage = optuna.storages.RDBStorage(store.url, skip_compatibility_check=True)
+    # Optuna's tables and its own alembic_version live beside ours (we version ours in
+    # models.VERSION_TABLE), so either may be created first.
+    storage = optuna.storages.RDBStorage(store.url)
     sampler = (optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.n_trials // 3)))
                if spec.sampler == "tpe" else optuna.samplers.RandomSampler(seed=spec.seed))
     return optuna.create_study(study_name=sweep.name, storage=storage, direction=spec.direction,

@@ -21,6 +21,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# Our alembic version table. Not alembic's default "alembic_version": Optuna keeps its own
+# schema revision there when a study lives in the same database.
+VERSION_TABLE = "tcae_schema_version"
+
+
 class Base(DeclarativeBase):
     pass
 

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, defer, selectinload, sessionmaker
 
 from orchestrator.db import fastjson
 from orchestrator.db.configs import config_delta, flatten
-from orchestrator.db.models import STATUSES, Param, Run, RunStage, Sweep, param_columns, utcnow
+from orchestrator.db.models import STATUSES, VERSION_TABLE, Param, Run, RunStage, Sweep, param_columns, utcnow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # File systems where SQLite's WAL (shared-memory index, one host) and even its locks are unsafe.
@@ -217,9 +217,9 @@ class Store:
     def current_revision(self) -> str | None:
         """The alembic revision stamped in the database (None: no schema yet)."""
         with self.engine.connect() as conn:
-            if not inspect(conn).has_table("alembic_version"):
+            if not inspect(conn).has_table(VERSION_TABLE):
                 return None
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
     def upgrade(self, revision: str = "head") -> None:
         """Create the schema or migrate it to ``revision`` (alembic)."""

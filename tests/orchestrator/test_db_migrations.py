@@ -96,11 +96,12 @@ def test_migrations_match_the_models(db_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from orchestrator.db.models import Base
+    from orchestrator.db.models import VERSION_TABLE, Base
 
     store = Store(db_url)
     store.upgrade()
     with store.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": VERSION_TABLE})
+        diff = compare_metadata(ctx, Base.metadata)
     store.dispose()
     assert diff == []

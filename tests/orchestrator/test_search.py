@@ -53,3 +53,20 @@ def test_search_finds_minimum_of_analytic_objective(tmp_path, capsys):
     assert len(store.runs(sweep="srch")) == n_runs
     # the results schema is intact beside Optuna's tables
     store.check_schema()
+
+
+def test_optuna_and_our_schema_share_a_database_in_either_order(tmp_path):
+    import optuna
+
+    from orchestrator.db.store import Store
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for first in ("optuna", "ours"):
+        url = f"sqlite:///{tmp_path / (first + '.db')}"
+        if first == "optuna":
+            optuna.storages.RDBStorage(url)
+        store = Store(url)
+        store.upgrade()
+        optuna.create_study(study_name="s", storage=optuna.storages.RDBStorage(url), load_if_exists=True)
+        assert store.current_revision() == store.head_revision()
+        store.check_schema()

@@ -3,14 +3,14 @@ their own connection (so SQLite pragmas apply) in ``config.attributes["connectio
 from alembic import context
 from sqlalchemy import create_engine
 
-from orchestrator.db.models import Base
+from orchestrator.db.models import VERSION_TABLE, Base
 
 config = context.config
 
 
 def _run(connection) -> None:
     # SQLite cannot ALTER most things in place: batch mode copies the table.
-    context.configure(connection=connection, target_metadata=Base.metadata,
+    context.configure(connection=connection, target_metadata=Base.metadata, version_table=VERSION_TABLE,
                       render_as_batch=connection.dialect.name == "sqlite")
     with context.begin_transaction():
         context.run_migrations()
@@ -18,7 +18,7 @@ def _run(connection) -> None:
 
 if context.is_offline_mode():
     context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=Base.metadata,
-                      literal_binds=True)
+                      version_table=VERSION_TABLE, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 elif config.attributes.get("connection") is not None:
