@@ -94,6 +94,12 @@ class FinetuneConfig(Section):
     disc_lr: float = 2e-4
     diffaug: bool = True
     disc_image_size: int = 224  # D input side (DINO: 224); smaller for CPU runs with the substitute
+    # Phase-2 recipe used by the orchestrator's `finetune` stage (paper Table 7), see finetune_phase().
+    steps: int | None = None  # None = train.steps
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 0
+    adversarial: float = 0.75  # λ_adv of the fine-tuning phase
 
 
 class OptimConfig(Section):
@@ -169,6 +175,29 @@ class RunConfig(Section):
         if self.ssl.method != "none" and not self.model.class_token:
             self.model.class_token = True  # SSL needs it; resolved once, saved in config.yaml
         return self
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def joint_phase(cfg: RunConfig) -> RunConfig:
+    """The joint-training (phase 1) config of a run: fine-tuning off, whatever the run's
+    ``finetune`` section says (that section configures phase 2)."""
+    return cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"enabled": False, "init_from": None})})
+
+
+def finetune_phase(cfg: RunConfig, init_from: str | Path) -> RunConfig:
+    """The decoder fine-tuning (phase 2) config of a run, starting from the phase-1 run dir
+    ``init_from`` (paper App. A, Table 7): encoder frozen, λ_ssl = 0, λ_adv =
+    ``finetune.adversarial``, its own lr schedule, no weight decay."""
+    ft = cfg.finetune
+    return cfg.model_copy(update={
+        "finetune": ft.model_copy(update={"enabled": True, "init_from": str(init_from)}),
+        "loss": cfg.loss.model_copy(update={"ssl": 0.0, "adversarial": ft.adversarial}),
+        "optim": cfg.optim.model_copy(update={"lr": ft.lr, "min_lr": ft.min_lr, "warmup_steps": ft.warmup_steps,
+                                              "weight_decay": 0.0}),
+        "train": cfg.train.model_copy(update={"steps": ft.steps or cfg.train.steps}),
+    })
 
 
 # ----------------------------------------------------------------------------- loading

@@ -67,24 +67,40 @@ def _latest_checkpoint(out_dir: Path) -> str | None:
     return steps[-1].name if steps else None
 
 
+def _tokenizer_dir(ctx: StageContext) -> Path:
+    """The tokenizer that evaluation and generation use: the fine-tuned one when the sweep
+    has a ``finetune`` stage (phase 2), else the joint-training one."""
+    return ctx.run_root / ("finetune" if "finetune" in ctx.run.get("stages", {}) else "tokenizer")
+
+
 def tokenizer_stage(ctx: StageContext) -> dict:
+    from core.config import joint_phase
     from core.train import train  # lazy: jobs of other stages never import torch models
 
     resumed_from = _latest_checkpoint(ctx.out_dir)
-    return _core_result(train(ctx.config, ctx.out_dir), resumed_from)
+    return _core_result(train(joint_phase(ctx.config), ctx.out_dir), resumed_from)
+
+
+def finetune_stage(ctx: StageContext) -> dict:
+    from core.config import finetune_phase
+    from core.train import train
+
+    resumed_from = _latest_checkpoint(ctx.out_dir)
+    cfg = finetune_phase(ctx.config, ctx.run_root / "tokenizer")
+    return _core_result(train(cfg, ctx.out_dir), resumed_from)
 
 
 def evaluate_stage(ctx: StageContext) -> dict:
     from core.evaluate import evaluate
 
-    return _core_result(evaluate(ctx.config, ctx.run_root / "tokenizer", ctx.out_dir), None)
+    return _core_result(evaluate(ctx.config, _tokenizer_dir(ctx), ctx.out_dir), None)
 
 
 def generator_stage(ctx: StageContext) -> dict:
     from core.generate import generate
 
     resumed_from = _latest_checkpoint(ctx.out_dir)
-    return _core_result(generate(ctx.config, ctx.run_root / "tokenizer", ctx.out_dir), resumed_from)
+    return _core_result(generate(ctx.config, _tokenizer_dir(ctx), ctx.out_dir), resumed_from)
 
 
 def echo_stage(ctx: StageContext) -> dict:
@@ -141,6 +157,7 @@ def selftest_stage(ctx: StageContext) -> dict:
 
 STAGES: dict[str, Callable[[StageContext], dict]] = {
     "tokenizer": tokenizer_stage,
+    "finetune": finetune_stage,
     "evaluate": evaluate_stage,
     "generator": generator_stage,
     "echo": echo_stage,
@@ -206,7 +223,7 @@ def read_run(run_root: str | Path) -> tuple[dict, dict]:
 
 
 # Stages whose core entry point runs data-parallel: a Slurm job with N GPUs gets N tasks (ranks).
-DISTRIBUTED_STAGES = ("tokenizer",)
+DISTRIBUTED_STAGES = ("tokenizer", "finetune")
 
 
 def _rank() -> int:

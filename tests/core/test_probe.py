@@ -89,3 +89,10 @@ def test_ridge_heldout_accuracy_tracks_val_accuracy_on_cycling_labels():
     out = linear_probe(feats[:800], labels[:800], feats[800:], labels[800:])
     assert out["heldout_acc"] > 0.5 and out["acc"] > 0.5
     assert abs(out["heldout_acc"] - out["acc"]) < 0.15
+
+
+def test_probe_works_with_few_samples_per_class():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(32) % 10
+    out = linear_probe(torch.randn(32, 4, generator=g), labels, torch.randn(16, 4, generator=g), labels[:16])
+    assert 0.0 <= out["acc"] <= 1.0 and out["lam"] is not None
