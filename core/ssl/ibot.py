@@ -13,10 +13,9 @@ tokens only, ``masks[masks]`` order (its head never runs on tokens the loss igno
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from core.ssl.dino import cross_crop_loss, teacher_temperature, update_center
+from core.ssl.dino import DINOLoss, cross_crop_loss, update_center
 
 
 def masked_patch_loss(student_masked: torch.Tensor, teacher_masked: torch.Tensor, masks: torch.Tensor,
@@ -32,25 +31,19 @@ def masked_patch_loss(student_masked: torch.Tensor, teacher_masked: torch.Tensor
     return (ce * weight).sum() / masks.shape[0]
 
 
-class iBOTLoss(nn.Module):
-    """Class-token + masked-image-modelling distillation (``ssl.method: ibot``, the default)."""
+class iBOTLoss(DINOLoss):
+    """Class-token + masked-image-modelling distillation (``ssl.method: ibot``, the default).
+
+    The class-token part, its centre and the teacher-temperature warm-up are DINO's; iBOT
+    adds a separate patch centre (class and patch temperatures share one warm-up here).
+    """
 
     uses_patches = True
     uses_masks = True
 
-    def __init__(self, out_dim: int, patch_out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.07,
-                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0,
-                 center_momentum: float = 0.9, **_):
-        super().__init__()
-        self.student_temp = student_temp
-        self.temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_steps)
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
+    def __init__(self, out_dim: int, patch_out_dim: int, **kw):
+        super().__init__(out_dim, **kw)
         self.register_buffer("patch_center", torch.zeros(1, 1, patch_out_dim))
-
-    def teacher_temp(self, step: int) -> float:
-        # iBOT warms class and patch temperatures with separate knobs; both are 0.04 -> 0.07 here
-        return teacher_temperature(step, *self.temps)
 
     def forward(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor, step: int,
                 student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
