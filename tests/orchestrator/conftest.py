@@ -66,6 +66,17 @@ def db_url(request, tmp_path) -> str:
     return request.getfixturevalue("pg_url")
 
 
+@pytest.fixture
+def store(db_url):
+    """A migrated Store on each backend of ``db_url``."""
+    from orchestrator.db.store import Store
+
+    s = Store(db_url)
+    s.upgrade()
+    yield s
+    s.dispose()
+
+
 def result_payload(run_hash: str, stage: str = "tokenizer", attempt: int = 1, *, sweep: str = "s1",
                    status: str = "finished", metrics=None, params=None, config=None, **extra) -> dict:
     """A valid result payload with small defaults."""

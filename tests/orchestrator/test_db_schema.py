@@ -15,14 +15,6 @@ from orchestrator.db.models import (Artifact, IngestedFile, Metric, Param, Run, 
 from orchestrator.db.store import _fs_type, head_revision, is_network_fs, run_status
 
 
-@pytest.fixture
-def store(db_url):
-    s = Store(db_url)
-    s.upgrade()
-    yield s
-    s.dispose()
-
-
 def test_round_trip_every_table(store, real_config):
     h, cfg = real_config(8)
     t0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)

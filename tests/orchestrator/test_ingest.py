@@ -21,14 +21,6 @@ from orchestrator.results import (ResultFileError, make_payload, read_result_fil
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def store(db_url):
-    s = Store(db_url)
-    s.upgrade()
-    yield s
-    s.dispose()
-
-
 def count(store, model, *where) -> int:
     with store.session() as s:
         return s.scalar(select(func.count()).select_from(model).where(*where))
