@@ -33,17 +33,12 @@ from core.eval.probe import linear_probe, structure_loss
 from core.io import read_complete_result, write_json_atomic
 from core.losses.perceptual import build_perceptual_loss
 from core.seed import seed_everything
+from core.trainer.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 METRICS = ("psnr", "ssim", "lpips", "rfid", "probe_acc_before", "probe_acc_after", "structure_loss")
-
-
-def _device(cfg: RunConfig) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
 
 
 def _loader(dataset, n: int, cfg: RunConfig, desc: str):
@@ -143,7 +138,7 @@ def evaluate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> 
         log.info("evaluation %s is complete; returning its result.json", out_dir)
         return done
     _prepare_out_dir(cfg, out_dir)
-    device = _device(cfg)
+    device = resolve_device(cfg.train.device)
     seed = seed_everything(cfg.train.seed)
     model, tok_cfg = load_tokenizer(tokenizer_dir, ema=True, map_location=device)
     for section in ("model", "data"):

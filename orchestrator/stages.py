@@ -186,7 +186,8 @@ def _log_file() -> Path | None:
         return None
 
 
-def _log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> str | None:
+def log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> str | None:
+    """The last ``n`` lines of a log file (None when there is none)."""
     if path is None or not path.exists():
         return None
     sys.stderr.flush()
@@ -251,7 +252,7 @@ def run_stage(stage: str, run_root: str | Path) -> str:
     except Exception as e:
         traceback.print_exc()
         error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc(),
-                 "log_tail": _log_tail(_log_file())}
+                 "log_tail": log_tail(_log_file())}
         _write(run_root, run, stage, attempt, "failed", started, tree, {}, error)
         raise
     return str(_write(run_root, run, stage, attempt, "finished", started, tree, body))

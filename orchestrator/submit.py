@@ -26,7 +26,7 @@ from core.config import config_dict
 from orchestrator import slurm
 from orchestrator.db.store import Store
 from orchestrator.plan import Plan, build_plan, stages_to_run
-from orchestrator.stages import DISTRIBUTED_STAGES, StageTask, next_attempt, run_stage
+from orchestrator.stages import DISTRIBUTED_STAGES, StageTask, log_tail, next_attempt, run_stage
 from orchestrator.sweep import RunSpec, Sweep, SweepFile, build_sweep, load_sweep
 
 ACTIVE = ("queued", "running", "preempted")  # submitted and not over: never submit twice
@@ -170,18 +170,11 @@ def submit_sweep(store: Store | None, sweep: Sweep, executor: str | None = None,
                              stages=sweep.stage_order, session=s)
     if executor == "slurm":
         result.job_ids = _submit_slurm(sweep, plan)
-        with store.session() as s:
-            for (h, stage), jid in result.job_ids.items():
-                store.set_stage_state(h, stage, "queued", attempt=next_attempt(sweep.runs_root / h, stage),
-                                      slurm_job_id=jid, slurm_array_id=jid.split("_")[0], session=s)
+        _mark_queued(store, sweep, plan, result.job_ids)
         if wait:
             wait_for_sweep(store, sweep.name, poll_s=poll_s)
     else:
-        with store.session() as s:
-            for h, stages in plan.todo.items():
-                for stage in stages:
-                    store.set_stage_state(h, stage, "queued", attempt=next_attempt(sweep.runs_root / h, stage),
-                                          session=s)
+        _mark_queued(store, sweep, plan, {})
         run_fn = _run_debug if executor == "debug" else _run_local
         result.states = run_fn(sweep, plan)
         _ingest_sweep(store, sweep.runs_root)
@@ -190,6 +183,17 @@ def submit_sweep(store: Store | None, sweep: Sweep, executor: str | None = None,
                 if st == "cancelled":
                     store.set_stage_state(h, stage, "cancelled", session=s)
     return result
+
+
+def _mark_queued(store: Store, sweep: Sweep, plan: Plan, job_ids: dict[tuple[str, str], str]) -> None:
+    """Record every planned (run, stage) as queued, with its Slurm job id when it has one."""
+    with store.session() as s:
+        for h, stages in plan.todo.items():
+            for stage in stages:
+                jid = job_ids.get((h, stage))
+                store.set_stage_state(h, stage, "queued", attempt=next_attempt(sweep.runs_root / h, stage),
+                                      slurm_job_id=jid, slurm_array_id=jid.split("_")[0] if jid else None,
+                                      session=s)
 
 
 def sweep_name(store: Store, arg: str) -> str:
@@ -318,7 +322,8 @@ def refresh_states(store: Store, sweep: str) -> dict[str, int]:
                     store.set_stage_state(h, st.stage, SLURM_TO_STATUS[state], session=s)
             elif state in slurm.FINAL_STATES and state != "COMPLETED":
                 # no result file was ingested for this attempt: the job died outside our wrapper
-                tail = _stderr_tail(runs_root, st.slurm_job_id) if runs_root is not None else None
+                tail = (log_tail(runs_root / ".submitit" / st.slurm_job_id / f"{st.slurm_job_id}_0_log.err", 20)
+                        if runs_root is not None else None)
                 store.set_stage_state(h, st.stage, slurm.FINAL_STATES[state],
                                       error_tail=f"slurm state {state}" + (f"\n{tail}" if tail else ""), session=s)
     if runs_root is not None and states:
@@ -328,13 +333,6 @@ def refresh_states(store: Store, sweep: str) -> dict[str, int]:
         for st in r.stages:
             counts[st.status] = counts.get(st.status, 0) + 1
     return counts
-
-
-def _stderr_tail(runs_root: Path, job_id: str, n: int = 20) -> str | None:
-    path = runs_root / ".submitit" / job_id / f"{job_id}_0_log.err"
-    if not path.exists():
-        return None
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
 def cancel_sweep(store: Store, sweep: str) -> list[str]:
