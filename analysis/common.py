@@ -9,7 +9,8 @@ paper's figures group by:
 
 =============  ==========================================================================
 ``tokens``     image tokens per image, ``(image_size / patch_size)²``
-``depth``      encoder depth (``VIT_SIZES``; paper rows carry ``encoder_depth``)
+``depth``      encoder depth: the tokenizer stage's ``encoder_depth`` metric (paper rows carry
+               ``encoder_depth`` too); NaN for runs recorded before that metric existed
 ``k``          split depth with ``None`` (vanilla) normalised to ``depth``
 ``stc``        staged token compression on ⇔ ``k < depth``
 ``ssl``        ``ssl.method`` (``"none"`` when absent)
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.models.tokenizer import VIT_SIZES
+from analysis.stats import t_halfwidth
 
 # metric -> (axis/table label with units, better direction, decimals)
 METRICS: dict[str, tuple[str, str, int]] = {
@@ -80,13 +81,6 @@ class Output:
 # ----------------------------------------------------------------------------- frames
 
 
-def _depth(row: pd.Series) -> float:
-    if "encoder_depth" in row and pd.notna(row["encoder_depth"]):
-        return float(row["encoder_depth"])
-    size = row.get("model.encoder_size")
-    return float(VIT_SIZES[size].depth) if size in VIT_SIZES else np.nan
-
-
 def prepare(runs: pd.DataFrame) -> pd.DataFrame:
     """Add ``tokens, depth, k, stc, ssl, lambda_ssl`` (see module doc); returns a copy."""
     df = runs.copy()
@@ -98,11 +92,13 @@ def prepare(runs: pd.DataFrame) -> pd.DataFrame:
         df["tokens"] = (df["data.image_size"].astype(float) / df["model.patch_size"].astype(float)) ** 2
     else:
         df["tokens"] = np.nan
-    df["depth"] = df.apply(_depth, axis=1)
+    # The resolved depth comes from the database (analysis imports nothing from core/).
+    df["depth"] = pd.to_numeric(df["encoder_depth"], errors="coerce") if "encoder_depth" in df else np.nan
     split = df["model.split_depth"] if "model.split_depth" in df else pd.Series([None] * len(df), index=df.index)
     split = pd.to_numeric(split.astype(object).where(split.notna(), np.nan), errors="coerce")
     df["k"] = split.fillna(df["depth"])
-    df["stc"] = df["k"] < df["depth"]
+    # A set split depth below the depth is STC; with an unknown depth a set k counts as STC.
+    df["stc"] = split.notna() & ~(split >= df["depth"])
     df["k_frac"] = df["k"] / df["depth"]  # compares k across encoder depths (paper: 12 layers)
     df["ssl"] = df["ssl.method"].fillna("none") if "ssl.method" in df else "none"
     lam = pd.to_numeric(df["loss.ssl"], errors="coerce") if "loss.ssl" in df else np.nan
@@ -148,10 +144,12 @@ def describe(values: dict, cols: list[str]) -> str:
 
 
 def aggregate(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Mean/std/count of each metric per cell (runs differing only in seed are one cell).
+    """Mean, spread and count of each metric per cell (runs differing only in seed are one cell).
 
     Returns one row per cell: the key columns, ``stc``, ``runs`` (comma-joined run hashes),
-    ``n``, and per metric ``<m>`` (mean), ``<m>_std``, ``<m>_n``, ``<m>_backbone``.
+    ``n``, and per metric ``<m>`` (mean), ``<m>_std``, ``<m>_ci`` (half-width of the 95 %
+    t-interval of the mean, :func:`analysis.stats.t_halfwidth`; NaN for n < 2), ``<m>_n``,
+    ``<m>_backbone``.
     """
     rows = []
     if df.empty:
@@ -167,6 +165,7 @@ def aggregate(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
             vals = vals.dropna()
             row[m] = vals.mean() if len(vals) else np.nan
             row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else np.nan
+            row[f"{m}_ci"] = t_halfwidth(vals)
             row[f"{m}_n"] = len(vals)
             bb = group.get(f"{m}_backbone")
             row[f"{m}_backbone"] = ",".join(sorted({str(b) for b in bb.dropna()})) if bb is not None else ""
@@ -237,14 +236,22 @@ def _fmt_num(v) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-def fmt_value(metric: str, mean: float, std: float = np.nan, n: int = 1) -> str:
-    """``12.34`` or ``12.34 ± 0.56`` (n runs > 1); empty for a missing value."""
+def fmt_value(metric: str, mean: float, half: float = np.nan, n: int = 1) -> str:
+    """``12.34`` or ``12.34 ± 0.56`` (``half``: 95 % CI half-width, shown when n > 1);
+    empty for a missing value."""
     if pd.isna(mean):
         return ""
     if isinstance(mean, str):
         return mean
     dec = METRICS.get(metric, ("", "", 2))[2]
     text = f"{mean:.{dec}f}"
-    if n and n > 1 and pd.notna(std):
-        text += f" ± {std:.{dec}f}"
+    if n and n > 1 and pd.notna(half):
+        text += f" ± {half:.{dec}f}"
     return text
+
+
+def fmt_half(metric: str, half: float) -> str:
+    """The ± column of a table: ``0.56`` (95 % CI half-width), empty without an interval."""
+    if pd.isna(half):
+        return ""
+    return f"{half:.{METRICS.get(metric, ('', '', 2))[2]}f}"

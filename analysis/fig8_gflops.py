@@ -13,7 +13,7 @@ from analysis.common import (
     warn_missing,
 )
 from analysis.paper import paper_runs
-from analysis.render import save_figure
+from analysis.render import CI_NOTE, save_figure
 
 KEYS = ["model.decoder_size", "model.patch_size"]
 METRICS = ["gfid", "gflops_total"]
@@ -33,9 +33,13 @@ def _panel(ax, agg: pd.DataFrame) -> int:
             ax.plot(g["gflops_total"], g["gfid"], "s--", color=f"C{(i + 5) % 10}", mfc="none",
                     label=f"decoder ↑ (p={int(p)})")
     for r in pts.to_dict("records"):
-        ax.annotate(f"p{int(r['model.patch_size'])}/{r['model.decoder_size']}", (r["gflops_total"], r["gfid"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+        n = int(r.get("gfid_n", 1))
+        ax.annotate(f"p{int(r['model.patch_size'])}/{r['model.decoder_size']}" + (f" n={n}" if n > 1 else ""),
+                    (r["gflops_total"], r["gfid"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         drawn += 1
+    if "gfid_ci" in pts and pts["gfid_ci"].notna().any():  # 95 % t-interval over seeds
+        ax.errorbar(pts["gflops_total"], pts["gfid"], yerr=pts["gfid_ci"].fillna(0.0), fmt="none", ecolor="0.4",
+                    capsize=3, lw=0.8)
     if drawn and not ax.get_legend_handles_labels()[0]:
         ax.plot(pts["gflops_total"], pts["gfid"], "o")  # single points: nothing to connect
     return drawn
@@ -94,5 +98,6 @@ def fig8_gflops(runs: pd.DataFrame, out_dir: Path, with_paper: bool = False) -> 
         plt.close(fig)
         out.warn("no run has both gfid and gflops_total; figure skipped")
         return out
+    fig.supxlabel(CI_NOTE, fontsize=7)
     out.files += save_figure(fig, Path(out_dir), "fig8_gflops")
     return out

@@ -15,9 +15,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.common import (  # noqa: E402
-    DESIGN, Output, aggregate, backbones, check_backbones, describe, extra_keys, fmt_value,
-    metric_label, warn_grid, warn_missing,
+    DESIGN, METRICS, Output, aggregate, backbones, check_backbones, describe, extra_keys, fmt_half,
+    fmt_value, metric_label, warn_grid, warn_missing,
 )
+from analysis.stats import NS_MARK, NS_NOTE, not_significant  # noqa: E402
+
+CI_NOTE = "points: mean over seeds; error bars: 95 % t-interval of the mean (none where n = 1); n beside each point"
 
 # Paper rows match the user's cells by scale-free keys: token count instead of patch size
 # (the user's images may be 32 px, the paper's 256 px) and k/depth instead of k; image and
@@ -88,7 +91,9 @@ def _key_text(col: str, value, row: dict) -> str:
 
 def cell_table(out: Output, df: pd.DataFrame, row_keys: list[str], metrics: list[str], out_dir: Path,
                stem: str, caption: str, paper: pd.DataFrame | None = None) -> None:
-    """One row per cell (``row_keys`` + varying design columns), mean ± std of each metric.
+    """One row per cell (``row_keys`` + varying design columns): per metric the mean over
+    seeds (marked ⁿˢ where its 95 % interval overlaps the best row's), a ``±`` column (95 %
+    t-interval half-width) and the number of runs (:mod:`analysis.stats`).
 
     With ``paper`` (a prepared paper frame), a ``<metric> (paper)`` column beside each metric
     the paper reports, for the user cells a paper row matches (:func:`_with_paper`); paper
@@ -120,7 +125,10 @@ def cell_table(out: Output, df: pd.DataFrame, row_keys: list[str], metrics: list
     headers = {}
     for m in metrics:
         headers[m] = metric_label(m, backbones(agg, m))
-        table[headers[m]] = [fmt_value(m, r[m], r[f"{m}_std"], r[f"{m}_n"]) for r in agg.to_dict("records")]
+        ns = not_significant(agg[m], agg[f"{m}_ci"], agg[f"{m}_n"], METRICS.get(m, ("", "", 2))[1]) if len(agg) else []
+        table[headers[m]] = [fmt_value(m, r[m]) + (NS_MARK if flag else "") for r, flag in zip(agg.to_dict("records"), ns)]
+        # the ± column sits right after its metric (empty where n = 1)
+        table[f"± {METRICS.get(m, (m,))[0].split(' (')[0]}"] = [fmt_half(m, h) for h in agg[f"{m}_ci"]]
     table["runs"] = agg["n"].astype(int).astype(str).values if len(agg) else []
     if paper is not None and len(paper):
         table = _with_paper(table, agg, compare, paper, metrics, headers, shown)
@@ -129,7 +137,7 @@ def cell_table(out: Output, df: pd.DataFrame, row_keys: list[str], metrics: list
     if table.empty:
         out.warn("no rows; table skipped")
         return
-    out.files += write_table(table, out_dir, stem, caption)
+    out.files += write_table(table, out_dir, stem, f"{caption} ({NS_NOTE})")
 
 
 def _same(a, b) -> bool:
@@ -159,10 +167,10 @@ def _with_paper(table, agg, compare, paper, metrics, headers, shown) -> pd.DataF
         labels.append(p["paper_label"] if p is not None else "")
         for m in pm:
             paper_cols[m].append(fmt_value(m, p[m]) if p is not None and pd.notna(p[m]) else "")
-    # Paper columns go right after the user's column of the same metric.
+    # Paper columns go right after the user's columns (value, ±) of the same metric.
     merged = table.copy()
     for m in reversed(pm):
-        merged.insert(list(merged.columns).index(headers[m]) + 1, f"{metric_label(m)} (paper)", paper_cols[m])
+        merged.insert(list(merged.columns).index(headers[m]) + 2, f"{metric_label(m)} (paper)", paper_cols[m])
     merged["paper row"] = labels
     extra = []
     for i, p in enumerate(prows):
@@ -203,8 +211,14 @@ def _draw_lines(ax, agg: pd.DataFrame, x: str, line_keys: list[str], metric: str
         style = dict(marker="s", ls="--", mfc="none") if paper else dict(marker="o", ls=ls)
         color = colors.get(label)
         label = (f"paper: {label}" if label else "paper") if paper else (label or "runs")
-        yerr = g[f"{metric}_std"] if f"{metric}_std" in g and g[f"{metric}_std"].notna().any() else None
+        # error bars: 95 % t-interval of the mean over seeds; n printed beside each point
+        ci = g.get(f"{metric}_ci")
+        yerr = ci.fillna(0.0) if ci is not None and ci.notna().any() else None
         ax.errorbar(g[x], g[metric], yerr=yerr, capsize=3, color=color, label=label, **style)
+        if not paper and f"{metric}_n" in g:
+            for xv, yv, nv in zip(g[x], g[metric], g[f"{metric}_n"]):
+                ax.annotate(f"n={int(nv)}", (xv, yv), fontsize=6, xytext=(3, -8), textcoords="offset points",
+                            color=color)
         drawn += len(g)
     return drawn
 
@@ -276,6 +290,7 @@ def line_figure(out: Output, df: pd.DataFrame, x: str, xlabel: str, line_keys: l
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
+    fig.supxlabel(CI_NOTE, fontsize=7)
     out.files += save_figure(fig, out_dir, stem)
 
 

@@ -21,7 +21,7 @@ import yaml
 from core.config import ConfigError, RunConfig, config_hash, load_config, save_config
 from core.data import build_dataset
 from core.io import read_complete_result, write_json_atomic
-from core.models.tokenizer import TCAE, build_tokenizer, tokenizer_args
+from core.models.tokenizer import TCAE, VIT_SIZES, build_tokenizer, tokenizer_args
 from core.seed import seed_everything
 from core.trainer import distributed as D
 from core.trainer.checkpoint import LATEST, latest_checkpoint, load_checkpoint
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "tokenizer"
 METRICS = ("train_loss", "params_encoder", "params_decoder", "gflops_encoder", "gflops_decoder", "gflops_total",
-           "train_time_s")
+           "train_time_s", "encoder_depth")
 
 
 def _checkpoint_path(path: str | Path) -> Path:
@@ -105,6 +105,9 @@ def _result(cfg: RunConfig, run_dir: Path, trainer: Trainer, backbone: str | Non
         _metric("params_decoder", params["decoder"], step),
         *(_metric(f"gflops_{k}", flops[k] / 1e9, step) for k in ("encoder", "decoder", "total")),
         _metric("train_time_s", trainer.train_time_s, step),
+        # Resolved encoder depth (what split_depth=None means): analysis reads it from the
+        # database instead of importing the model's size table.
+        _metric("encoder_depth", VIT_SIZES[cfg.model.encoder_size].depth, step),
     ]
     return {
         "stage": STAGE,
@@ -136,7 +139,7 @@ def build_trainer(cfg: RunConfig, run_dir: str | Path, info: D.DistInfo) -> tupl
     if cfg.finetune.enabled:
         _setup_finetune(cfg, model)
     model.to(info.device)
-    objectives = build_objectives(cfg, model, info.device)
+    objectives = build_objectives(cfg, model, info.device, info)
     backbone = next(o for o in objectives if isinstance(o, ReconstructionObjective)).backbone
     seed = seed_everything(cfg.train.seed, info.rank)
     trainer = Trainer(cfg, run_dir, model, objectives, build_dataset(cfg.data, "train"), info)

@@ -1,10 +1,19 @@
-"""The embedded feature network: the offline backbone for FID/IS and the LPIPS substitute.
+"""The embedded feature networks: the offline FID/IS backbone and, separately, the
+network behind the offline perceptual (LPIPS-substitute) loss.
 
-No machine here can download Inception or VGG weights, so the project ships a small
-conv classifier trained on its own synthetic data set (``core/eval/train_featnet.py``,
-deterministic, weights committed as ``core/assets/featnet_v1.pt``).  Numbers it produces
-are recorded with the backbone name ``embedded-featnet-v1`` and are NOT comparable to
-Inception FID/IS.
+No machine here can download Inception or VGG weights, so the project ships two small
+conv classifiers trained on its own synthetic data set (``core/eval/train_featnet.py``,
+deterministic, weights committed under ``core/assets/``):
+
+* ``embedded-featnet-v1`` (``featnet_v1.pt``): the offline FID/IS backbone only;
+* ``embedded-percepnet-v1`` (``percepnet_v1.pt``): the LPIPS substitute used for the
+  training loss and the offline LPIPS metric.  Different widths, max- instead of
+  average-pooling, another init seed and another synthetic draw: no shared weights, so a
+  tokenizer trained with the perceptual loss does not optimise the very features its
+  offline rFID is computed on (tests/core/test_perceptual.py checks it).
+
+Numbers they produce carry their backbone names and are NOT comparable to Inception
+FID/IS or LPIPS-VGG.
 
 Layout (32x32 input, native size)::
 
@@ -15,7 +24,8 @@ Layout (32x32 input, native size)::
     pool    global average                             -> (B, 128)   FID features
     head    linear(128 -> num_classes)                 -> logits     IS
 
-every conv followed by BatchNorm + ReLU.  The network is fully convolutional: ``taps``
+every conv followed by BatchNorm + ReLU.  The perceptual network has the same layout with
+widths (24, 48, 64, 96) and max-pooling.  The network is fully convolutional: ``taps``
 runs at any resolution (LPIPS substitute); ``features`` resizes to the native 32x32 first
 so FID/IS features mean the same thing at every image size.
 """
@@ -28,9 +38,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FEATNET_NAME = "embedded-featnet-v1"
+PERCEPNET_NAME = "embedded-percepnet-v1"
 NATIVE_SIZE = 32
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "featnet_v1.pt"
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_WEIGHTS = _ASSETS / "featnet_v1.pt"
+PERCEPNET_WEIGHTS = _ASSETS / "percepnet_v1.pt"
 WIDTHS = (32, 64, 96, 128)
+PERCEPNET_WIDTHS = (24, 48, 64, 96)
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -40,17 +54,20 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
 class FeatNet(nn.Module):
     """Small VGG-style classifier on images in [-1, 1] (see the module docstring)."""
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = WIDTHS):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = WIDTHS, pool: str = "avg"):
         super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
         w1, w2, w3, w4 = widths
+        down = nn.AvgPool2d if pool == "avg" else nn.MaxPool2d
         self.stages = nn.ModuleList([
             nn.Sequential(*_conv_bn_relu(3, w1)),
-            nn.Sequential(nn.AvgPool2d(2), *_conv_bn_relu(w1, w2), *_conv_bn_relu(w2, w2)),
-            nn.Sequential(nn.AvgPool2d(2), *_conv_bn_relu(w2, w3), *_conv_bn_relu(w3, w3)),
-            nn.Sequential(nn.AvgPool2d(2), *_conv_bn_relu(w3, w4)),
+            nn.Sequential(down(2), *_conv_bn_relu(w1, w2), *_conv_bn_relu(w2, w2)),
+            nn.Sequential(down(2), *_conv_bn_relu(w2, w3), *_conv_bn_relu(w3, w3)),
+            nn.Sequential(down(2), *_conv_bn_relu(w3, w4)),
         ])
         self.head = nn.Linear(w4, num_classes)
-        self.num_classes, self.widths = num_classes, tuple(widths)
+        self.num_classes, self.widths, self.pool = num_classes, tuple(widths), pool
 
     def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stage outputs for x (B, 3, H, W) in [-1, 1]: [(B, 32, H, W), ..., (B, 128, H/8, W/8)]."""
@@ -73,12 +90,13 @@ class FeatNet(nn.Module):
 
 
 def load_featnet(path: str | Path | None = None, device: str | torch.device = "cpu") -> FeatNet:
-    """Load the committed feature network (frozen, eval mode).
+    """Load a committed feature network (frozen, eval mode).
 
     Parameters
     ----------
     path : weights file written by ``core/eval/train_featnet.py``; None = the committed
-        ``core/assets/featnet_v1.pt``.
+        ``core/assets/featnet_v1.pt`` (the FID/IS backbone; the perceptual network is
+        ``PERCEPNET_WEIGHTS``).
 
     Raises
     ------
@@ -88,12 +106,12 @@ def load_featnet(path: str | Path | None = None, device: str | torch.device = "c
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(
-            f"{FEATNET_NAME} weights not found: {path} "
-            f"(regenerate with: python -m core.eval.train_featnet --out {path})"
+            f"embedded network weights not found: {path} "
+            f"(regenerate with: python -m core.eval.train_featnet --arch {'percepnet' if 'percep' in path.name else 'featnet'})"
         )
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "state_dict" not in blob:
         raise ValueError(f"{path}: not a featnet weights file (expected a dict with 'state_dict')")
-    net = FeatNet(num_classes=int(blob["num_classes"]), widths=tuple(blob["widths"]))
+    net = FeatNet(num_classes=int(blob["num_classes"]), widths=tuple(blob["widths"]), pool=blob.get("pool", "avg"))
     net.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
     return net.to(device).eval().requires_grad_(False)

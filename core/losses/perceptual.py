@@ -11,9 +11,11 @@ Backbones (the name is recorded beside every LPIPS number):
 * ``lpips-vgg16``: torchvision VGG16 taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 plus
   the lpips package's lin weights, from the local file ``loss.lpips_weights``;
 * ``lpips-vgg16-uniformlin``: the same file without lin weights;
-* ``lpips-substitute-featnet-v1``: offline default (``loss.lpips_weights = None``): the
-  four stage outputs of the embedded feature network, weights 1/4 (the layer mean).
-  Not comparable to LPIPS-VGG numbers.
+* ``lpips-substitute-percepnet-v1``: offline default (``loss.lpips_weights = None``): the
+  four stage outputs of the embedded *perceptual* network (``core/assets/percepnet_v1.pt``),
+  weights 1/4 (the layer mean).  Deliberately not the FID/IS network
+  (``embedded-featnet-v1``): a perceptual loss on the FID features would let training
+  optimise the offline rFID it is then compared on.  Not comparable to LPIPS-VGG numbers.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from core.eval.featnet import load_featnet
+from core.eval.featnet import PERCEPNET_WEIGHTS, load_featnet
+
+SUBSTITUTE_NAME = "lpips-substitute-percepnet-v1"
 
 # VGG16 `features` indices of the last module of each tap (relu1_2 ... relu5_3).
 _VGG_TAP_ENDS = (3, 8, 15, 22, 29)
@@ -58,11 +62,12 @@ class VGG16Taps(nn.Module):
 
 
 class FeatNetTaps(nn.Module):
-    """The embedded feature network's stage outputs (LPIPS substitute)."""
+    """Stage outputs of an embedded network (LPIPS substitute); default: the perceptual
+    network ``percepnet_v1.pt``, never the FID/IS one."""
 
     def __init__(self, weights: str | Path | None = None):
         super().__init__()
-        self.net = load_featnet(weights)
+        self.net = load_featnet(PERCEPNET_WEIGHTS if weights is None else weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.net.taps(x)
@@ -163,7 +168,7 @@ def build_perceptual_loss(loss_cfg, device: str | torch.device = "cpu") -> tuple
     Returns
     -------
     (module, backbone_name): ``module(x_hat, x)`` gives per-image distances (B,);
-    backbone_name is 'lpips-vgg16', 'lpips-vgg16-uniformlin' or 'lpips-substitute-featnet-v1'.
+    backbone_name is 'lpips-vgg16', 'lpips-vgg16-uniformlin' or 'lpips-substitute-percepnet-v1'.
 
     Raises
     ------
@@ -175,7 +180,7 @@ def build_perceptual_loss(loss_cfg, device: str | torch.device = "cpu") -> tuple
         # w = 1/L: the mean over layers of 2·(1 − cosine similarity) per position, so the
         # substitute lives on LPIPS's scale (0 identical, ~1 unrelated) rather than L times it.
         lins = [torch.full((c,), 1.0 / len(taps.net.widths)) for c in taps.net.widths]
-        module, name = LPIPS(taps, lins), "lpips-substitute-featnet-v1"
+        module, name = LPIPS(taps, lins), SUBSTITUTE_NAME
     else:
         path = Path(path).expanduser()
         if not path.is_file():

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from core.config import config_dict, config_hash, load_config
+from core.models.tokenizer import VIT_SIZES
 from orchestrator.db.store import Store
 from orchestrator.ingest import ingest
 from orchestrator.results import make_payload, write_result_file
@@ -36,6 +37,7 @@ def synthetic_metrics(cfg) -> dict[str, float]:
         "gfid": round(80.0 - 10.0 * stc - 5.0 * ssl - 2.0 * dec, 4),
         "inception_score": round(3.0 + stc + ssl, 4),
         "gflops_total": round(0.01 * tokens * (1.0 + dec), 4),
+        "encoder_depth": VIT_SIZES[cfg.model.encoder_size].depth,  # recorded by the tokenizer stage
     }
 
 
@@ -59,7 +61,7 @@ def build_db(tmp_path, specs, sweep="toy", drop=()):
         bb = lambda n: FEAT if n in ("rfid", "gfid", "inception_score") else ("lpips-substitute-x" if n == "lpips" else None)  # noqa: E731
         m = lambda names, step: [{"name": n, "value": vals[n], "step": step, "backbone": bb(n)}  # noqa: E731
                                  for n in names if n in vals]
-        _write(root, h, sweep, "tokenizer", cfg, m(["gflops_total"], 200))
+        _write(root, h, sweep, "tokenizer", cfg, m(["gflops_total", "encoder_depth"], 200))
         _write(root, h, sweep, "evaluate", cfg, m(["rfid", "psnr", "ssim", "lpips", "probe_acc_before",
                                                  "probe_acc_after", "structure_loss"], 200))
         if "gfid" in vals:

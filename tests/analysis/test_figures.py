@@ -160,7 +160,7 @@ def test_seeds_are_averaged_and_backbones_named():
     runs = pd.DataFrame({
         "run_hash": ["a", "b", "c"], "sweep": "s", "status": "finished",
         "data.image_size": 32, "model.patch_size": 4, "model.encoder_size": "micro", "model.split_depth": None,
-        "ssl.method": "none", "train.seed": [0, 1, 0], "model.decoder_size": ["micro", "micro", "mini"],
+        "ssl.method": "none", "train.seed": [0, 1, 0], "model.decoder_size": ["micro", "micro", "mini"], "encoder_depth": 4,
         "rfid": [2.0, 4.0, 1.0], "rfid_backbone": ["embedded-featnet-v1", "inception-v3-compat", "inception-v3-compat"],
     })
     df = prepare(runs)

@@ -18,8 +18,11 @@ SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 def _frame(name: str) -> pd.DataFrame:
     sweep = sweep_mod.load_sweep(SWEEPS / f"{name}.yaml")
     assert sweep.name == name and sweep.stage_order == ["tokenizer", "evaluate", "generator"]
-    rows = [{"run_hash": r.run_hash, "sweep": name, "status": "pending", **flatten(r.config.model_dump(mode="json"))}
-            for r in sweep.runs]
+    from core.models.tokenizer import VIT_SIZES
+
+    # encoder_depth: what the tokenizer stage records for each run (a metric in the database)
+    rows = [{"run_hash": r.run_hash, "sweep": name, "status": "pending", **flatten(r.config.model_dump(mode="json")),
+             "encoder_depth": VIT_SIZES[r.config.model.encoder_size].depth} for r in sweep.runs]
     return prepare(pd.DataFrame(rows))
 
 

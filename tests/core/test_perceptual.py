@@ -1,3 +1,4 @@
+import hashlib
 from types import SimpleNamespace
 
 import pytest
@@ -7,7 +8,7 @@ from torchvision.models.vgg import cfgs, make_layers
 
 import torch_fidelity.sample_similarity_lpips as tf_lpips
 from core.config import LossConfig
-from core.eval.featnet import DEFAULT_WEIGHTS
+from core.eval.featnet import FEATNET_NAME
 from core.losses.perceptual import LPIPS, build_perceptual_loss
 
 CHANNELS = (64, 128, 256, 512, 512)
@@ -91,10 +92,31 @@ def test_bad_weight_files(tmp_path):
         build_perceptual_loss(LossConfig(lpips_weights=str(garbage)))
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="featnet weights not built yet")
+def _hashes(module: torch.nn.Module) -> set[str]:
+    return {hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()
+            for t in module.state_dict().values() if t.numel() > 1}
+
+
+def test_substitute_shares_no_weights_with_the_fid_backbone():
+    # Training's perceptual loss must not be built on the offline FID/IS network: otherwise a
+    # tokenizer trained with it optimises the very features its rFID is measured on.
+    from core.eval.fid import FeatureExtractorFeatNet
+
+    lpips, name = build_perceptual_loss(LossConfig(lpips_weights=None))
+    fid_net = FeatureExtractorFeatNet(FEATNET_NAME, ["pool"]).net
+    assert name == "lpips-substitute-percepnet-v1" and FEATNET_NAME not in name
+    assert _hashes(lpips.backbone) and _hashes(fid_net)
+    assert not _hashes(lpips.backbone) & _hashes(fid_net)  # no parameter/buffer tensor in common
+    # and they are different functions, not just differently stored weights
+    x = _images(0, n=4)
+    shapes_fid = [tuple(t.shape) for t in fid_net.taps(x)]
+    shapes_lpips = [tuple(t.shape) for t in lpips.backbone(x)]
+    assert shapes_fid != shapes_lpips
+
+
 def test_substitute_properties():
     lpips, name = build_perceptual_loss(LossConfig(lpips_weights=None))
-    assert name == "lpips-substitute-featnet-v1"
+    assert name == "lpips-substitute-percepnet-v1"
     x = _images(0, n=4)
     assert float(lpips(x, x).abs().max()) == 0.0
     # monotone in the noise level

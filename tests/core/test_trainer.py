@@ -17,7 +17,7 @@ from core.trainer.distributed import DistInfo
 from core.trainer.objective import Objective, ReconstructionObjective
 
 METRICS = {"train_loss", "params_encoder", "params_decoder", "gflops_encoder", "gflops_decoder", "gflops_total",
-           "train_time_s"}
+           "train_time_s", "encoder_depth"}
 
 
 def test_cosine_schedule():
@@ -183,7 +183,7 @@ def test_cli(tmp_path, capsys):
 def test_perceptual_backbone_is_recorded(tiny_config, tmp_path):
     result = train(tiny_config(**{"train.steps": 2, "loss.perceptual": 1.0}), tmp_path)
     loss = next(m for m in result["metrics"] if m["name"] == "train_loss")
-    assert result["info"]["perceptual_backbone"] == loss["backbone"] == "lpips-substitute-featnet-v1"
+    assert result["info"]["perceptual_backbone"] == loss["backbone"] == "lpips-substitute-percepnet-v1"
     assert "perceptual" in json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
 
 
