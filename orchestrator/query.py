@@ -4,21 +4,22 @@
   flattened config key (``model.patch_size``) + one column per metric (its value at the
   last step of the loaded attempt) + ``<metric>_backbone``.
 * :func:`metric_history` — every metric row: ``run_hash, sweep, stage, name, step, value, backbone``.
-* :func:`read_only_sql` — an arbitrary SELECT, refused if it could write.
+* :func:`read_only_sql` — one read-only statement, enforced by the database
+  (``orchestrator.db.readonly``).
 """
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Sequence
 
 import pandas as pd
-from sqlalchemy import Text, case, cast, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Text, case, cast, select
 
 from orchestrator.db import fastjson
 from orchestrator.db.configs import UNSET, flatten
 from orchestrator.db.models import Metric, Run, Sweep
+from orchestrator.db.readonly import (DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, QueryTimeout,  # noqa: F401
+                                       ReadOnlyViolation, check_statement, run_statement)
 from orchestrator.db.store import Store
 
 BASE_COLUMNS = ["run_hash", "sweep", "status"]
@@ -151,59 +152,35 @@ def runs_table(store: Store, sweep: str | None = None, metrics: Sequence[str] | 
 
 # ----------------------------------------------------------------------------- read-only SQL
 
-_ALLOWED_FIRST = {"select", "with", "explain", "values"}
-# Words that change data, schema or database state; refused anywhere in the statement.
-_FORBIDDEN = {"insert", "update", "delete", "drop", "create", "alter", "attach", "detach", "pragma",
-              "vacuum", "reindex", "truncate", "grant", "revoke", "copy", "merge", "upsert", "lock",
-              "analyze", "begin", "commit", "rollback", "savepoint", "release", "call", "do", "set"}
-_LITERALS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", re.S)
+
+def check_read_only(sql: str, dialect: str = "sqlite") -> str:
+    """The text that would run for ``sql`` if it is one read-only query, else raise
+    :class:`ReadOnlyViolation` (see ``orchestrator.db.readonly.check_statement``)."""
+    return check_statement(sql, dialect)
 
 
-class ReadOnlyViolation(ValueError):
-    """The SQL could write; the message names the offending word."""
+def read_only_sql(url: str, sql: str, timeout_s: float = DEFAULT_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS,
+                  role: str | None = None) -> pd.DataFrame:
+    """Run one read-only statement and return its rows (at most ``max_rows``).
 
-
-def check_read_only(sql: str) -> str:
-    """Return ``sql`` (one statement) if it only reads; else raise :class:`ReadOnlyViolation`."""
-    bare = _LITERALS.sub(" ", sql)
-    body = bare.strip().rstrip(";").strip()
-    if not body:
-        raise ReadOnlyViolation("empty SQL statement")
-    if ";" in body:
-        raise ReadOnlyViolation("only one SQL statement is allowed")
-    words = [w.lower() for w in re.findall(r"[A-Za-z_]+", body)]
-    if words[0] not in _ALLOWED_FIRST:
-        raise ReadOnlyViolation(f"only SELECT/WITH/EXPLAIN/VALUES are allowed, not {words[0].upper()}")
-    bad = [w for w in words if w in _FORBIDDEN]
-    if bad or re.search(r"\breplace\s+into\b", body, re.I):
-        raise ReadOnlyViolation(f"statement could write ({(bad or ['REPLACE INTO'])[0].upper()}); "
-                                "query is read-only")
-    return sql.strip().rstrip(";").rstrip()
-
-
-def read_only_sql(url: str, sql: str) -> pd.DataFrame:
-    """Run one read-only statement and return its rows.
-
-    The statement is checked (:func:`check_read_only`) and then run on a connection that
-    cannot write: SQLite opened with ``mode=ro`` + ``query_only``, PostgreSQL in a READ ONLY
-    transaction.
+    Enforced by the database (``orchestrator.db.readonly``): one parsed query re-generated
+    from its parse tree; PostgreSQL as the SELECT-only reader role (``orchestrate db
+    grant-reader``) in read-only sessions with ``statement_timeout``; SQLite opened
+    ``mode=ro`` + ``query_only`` with a time budget and a heap limit.
 
     Raises
     ------
     ReadOnlyViolation
-        for a statement that could write (exit code 2 in the CLI).
+        for a statement that could write, several statements, or a PostgreSQL database
+        without the reader role (exit code 2 in the CLI).
+    QueryTimeout
+        when it runs past ``timeout_s`` seconds (or SQLite's heap limit).
     ValueError
         for SQL the database rejects (syntax error, unknown table), with its message.
     FileNotFoundError
         for a SQLite URL whose file does not exist.
     """
-    stmt = check_read_only(sql)
-    store = Store(url, readonly=True)
-    try:
-        with store.engine.connect() as conn:
-            result = conn.execute(text(stmt))
-            return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
-    except DBAPIError as e:
-        raise ValueError(f"SQL error: {str(e.orig).strip()}") from None
-    finally:
-        store.dispose()
+    res = run_statement(url, sql, timeout_s=timeout_s, max_rows=max_rows, role=role)
+    df = pd.DataFrame(res.rows, columns=res.columns)
+    df.attrs["truncated"] = res.truncated
+    return df

@@ -1,4 +1,5 @@
-"""`orchestrate db upgrade|current|stamp`: the results database schema (alembic)."""
+"""`orchestrate db upgrade|current|stamp|grant-reader`: the results database schema (alembic)
+and, on PostgreSQL, the SELECT-only role that `orchestrate query` reads as."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,15 @@ HELP = "create / migrate the results database schema, show or stamp its revision
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["upgrade", "current", "stamp"])
+    p.add_argument("action", choices=["upgrade", "current", "stamp", "grant-reader"])
     p.add_argument("revision", nargs="?", default=None,
                    help="target revision (upgrade: default head; stamp: required)")
+    p.add_argument("--role", default=None,
+                   help="grant-reader: role name (default: $ORCHESTRATE_READER_ROLE or tcae_reader)")
+    p.add_argument("--to", default="", help="grant-reader: comma-separated users given the (group) role")
+    p.add_argument("--login", action="store_true",
+                   help="grant-reader: a LOGIN role that query connects as (password from "
+                        "$ORCHESTRATE_READER_PASSWORD if set) instead of a NOLOGIN group role")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     store = Store(db_url(args))
     try:
+        if args.action == "grant-reader":
+            return _grant_reader(store, args)
         if args.action == "upgrade":
             store.upgrade(args.revision or "head")
             print(f"{store.url}: at revision {store.current_revision()} (head {store.head_revision()})")
@@ -38,4 +47,29 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{store.url}: {e}") from None
     finally:
         store.dispose()
+    return 0
+
+
+def _grant_reader(store, args: argparse.Namespace) -> int:
+    import os
+
+    from sqlalchemy.exc import DBAPIError
+
+    from orchestrator.db.readonly import PASSWORD_ENV, ReadOnlyViolation, grant_reader, role_name
+
+    if store.dialect != "postgresql":
+        raise UsageError(f"{store.url}: grant-reader is for PostgreSQL (SQLite query connections are "
+                         f"opened read-only already)")
+    try:
+        role = role_name(args.role)
+        members = [m.strip() for m in args.to.split(",") if m.strip()]
+        with store.engine.begin() as conn:
+            done = grant_reader(conn, role, members, login=args.login,
+                                password=os.environ.get(PASSWORD_ENV) if args.login else None)
+    except ReadOnlyViolation as e:
+        raise UsageError(str(e)) from None
+    except DBAPIError as e:
+        raise UsageError(f"{store.url}: grant-reader failed: {str(e.orig).strip().splitlines()[0]}") from None
+    print("\n".join(done))
+    print(f"{store.url}: role {role} can SELECT the project's tables and nothing else")
     return 0

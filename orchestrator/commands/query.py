@@ -1,7 +1,11 @@
-"""`orchestrate query [SQL] [--sweep S] [--metrics a,b] [--format table|csv|json]`.
+"""`orchestrate query [SQL] [--sweep S] [--metrics a,b] [--wide] [--format table|csv|json|parquet]`.
 
-Without SQL: one row per run (axis/config values and metrics as columns, see
-``orchestrator.query.runs_table``).  With SQL: one read-only statement.  Never writes.
+Without SQL: one row per run (see ``orchestrator.query.runs_table``), compact by default:
+run id, sweep, status, the config keys that vary, the metrics, and a ``<metric>_backbone``
+column only where it is non-null and not constant (a constant backbone is printed once above
+the table; csv/json/parquet keep it as a column so the file says what produced each number).
+``--wide`` (or ``--columns all``) shows every column.  With SQL: one read-only statement,
+enforced by the database (``orchestrator.db.readonly``).  Never writes.
 """
 from __future__ import annotations
 
@@ -25,7 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--columns", default=None,
                    help="comma-separated columns to keep (default: run_hash, sweep, status, the config keys "
                         "that vary, the metrics); 'all' keeps every config key")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--wide", action="store_true", help="every config key and every *_backbone column")
+    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    p.add_argument("--out", default=None, help="write to this file instead of stdout (needed for parquet on a terminal)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="SQL: stop the statement after this many seconds (default 30)")
+    p.add_argument("--role", default=None,
+                   help="SQL on PostgreSQL: the reader role (default: $ORCHESTRATE_READER_ROLE or tcae_reader)")
 
 
 def varying(df: pd.DataFrame) -> pd.DataFrame:
@@ -34,27 +44,92 @@ def varying(df: pd.DataFrame) -> pd.DataFrame:
     return df[keep]
 
 
-def emit(df: pd.DataFrame, fmt: str) -> None:
-    if fmt == "csv":
-        df.to_csv(sys.stdout, index=False)
-    elif fmt == "json":
-        sys.stdout.write(df.to_json(orient="records", date_format="iso", default_handler=str) + "\n")
-    else:
-        from tabulate import tabulate
+def compact(df: pd.DataFrame, keep_constant_backbones: bool = False) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The default view: varying config keys, metrics, informative ``*_backbone`` columns.
 
-        print(tabulate(df, headers="keys", tablefmt="simple", showindex=False, missingval=""))
+    Returns (table, constants): an all-null backbone column is dropped; one with a single
+    non-null value is dropped into ``constants`` (shown once above the table) unless
+    ``keep_constant_backbones``; a varying one stays.
+    """
+    if len(df) > 1:
+        df = varying(df)
+    constants: dict[str, str] = {}
+    drop = []
+    metrics = set(df.columns)
+    for c in df.columns:
+        if not (c.endswith("_backbone") and c[: -len("_backbone")] in metrics):
+            continue
+        values = df[c].dropna().unique()
+        if len(values) == 0:
+            drop.append(c)
+        elif len(values) == 1 and not keep_constant_backbones:
+            constants[c] = str(values[0])
+            drop.append(c)
+    return df.drop(columns=drop), constants
+
+
+def _to_parquet(df: pd.DataFrame, target) -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise UsageError("--format parquet needs pyarrow (pip install pyarrow); pandas alone cannot write "
+                         "parquet") from None
+    import pyarrow as pa
+
+    df = df.copy()
+    for c in df.columns:  # tuples -> lists; mixed-type object columns -> text (parquet columns have one type)
+        if df[c].dtype == object:
+            kinds = {type(v) for v in df[c] if v is not None and not (isinstance(v, float) and pd.isna(v))}
+            if any(k is tuple for k in kinds):
+                df[c] = [list(v) if isinstance(v, tuple) else v for v in df[c]]
+            if len(kinds - {tuple, list}) > 1 or (kinds & {tuple, list} and len(kinds) > 1):
+                df[c] = [None if v is None else str(v) for v in df[c]]
+    try:
+        df.to_parquet(target, index=False, engine="pyarrow")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        df.astype({c: str for c in df.columns if df[c].dtype == object}).to_parquet(target, index=False)
+
+
+def emit(df: pd.DataFrame, fmt: str, out: str | None = None, constants: dict[str, str] | None = None) -> None:
+    if fmt == "parquet":
+        if out is None and sys.stdout.isatty():
+            raise UsageError("--format parquet writes binary data: give --out FILE.parquet or redirect stdout")
+        _to_parquet(df, out if out is not None else sys.stdout.buffer)
+        if out is None:
+            sys.stdout.flush()
+        return
+    stream = open(out, "w") if out is not None else sys.stdout
+    try:
+        if fmt == "csv":
+            df.to_csv(stream, index=False)
+        elif fmt == "json":
+            stream.write(df.to_json(orient="records", date_format="iso", default_handler=str) + "\n")
+        else:
+            from tabulate import tabulate
+
+            for k, v in (constants or {}).items():
+                stream.write(f"{k}: {v} (every run)\n")
+            stream.write(tabulate(df, headers="keys", tablefmt="simple", showindex=False, missingval="") + "\n")
+    finally:
+        if out is not None:
+            stream.close()
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.query import ReadOnlyViolation, read_only_sql, runs_table
+    from orchestrator.query import DEFAULT_TIMEOUT_S, read_only_sql, runs_table
 
+    constants: dict[str, str] = {}
     if args.sql is not None:
-        if args.sweep or args.metrics or args.status or args.columns:
-            raise UsageError("--sweep/--metrics/--status/--columns apply only without SQL")
-        try:
-            df = read_only_sql(db_url(args), args.sql)
-        except (ReadOnlyViolation, ValueError, FileNotFoundError) as e:
+        if args.sweep or args.metrics or args.status or args.columns or args.wide:
+            raise UsageError("--sweep/--metrics/--status/--columns/--wide apply only without SQL")
+        if args.timeout is not None and not args.timeout > 0:
+            raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+        try:  # ReadOnlyViolation and QueryTimeout are ValueErrors
+            df = read_only_sql(db_url(args), args.sql, timeout_s=args.timeout or DEFAULT_TIMEOUT_S, role=args.role)
+        except (ValueError, FileNotFoundError) as e:
             raise UsageError(str(e)) from None
+        if df.attrs.get("truncated"):
+            print(f"orchestrate query: only the first {len(df)} rows are shown", file=sys.stderr)
     else:
         store = open_existing(args, readonly=True)
         try:
@@ -62,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             df = runs_table(store, sweep=args.sweep, metrics=metrics, status=args.status)
         finally:
             store.dispose()
-        if args.columns == "all":
+        if args.columns == "all" or args.wide:
             pass
         elif args.columns:
             cols = [c.strip() for c in args.columns.split(",") if c.strip()]
@@ -70,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             if unknown:
                 raise UsageError(f"unknown column(s) {unknown}; known: {list(df.columns)}")
             df = df[cols]
-        elif len(df) > 1:
-            df = varying(df)
-    emit(df, args.format)
+        else:
+            df, constants = compact(df, keep_constant_backbones=args.format != "table")
+    emit(df, args.format, args.out, constants)
     return 0

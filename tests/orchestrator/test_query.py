@@ -15,7 +15,38 @@ from orchestrator.query import ReadOnlyViolation, check_read_only, metric_histor
 
 
 @pytest.fixture
-def filled(db_url, write_result, tmp_path, real_config):
+def reader(db_url, monkeypatch):
+    """PostgreSQL: a fresh SELECT-only reader role (``db grant-reader``) for SQL queries, named
+    through $ORCHESTRATE_READER_ROLE; dropped afterwards.  SQLite needs none."""
+    if not db_url.startswith("postgresql"):
+        yield None
+        return
+    import uuid
+
+    import sqlalchemy as sa
+
+    from orchestrator.db.store import with_driver
+
+    role = f"r_{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("ORCHESTRATE_READER_ROLE", role)
+    eng = sa.create_engine(with_driver(db_url))
+    yield lambda: _grant(eng, role)  # called once the tables exist
+    with eng.connect() as c:
+        c.exec_driver_sql(f"DROP OWNED BY {role}")
+        c.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
+        c.commit()
+    eng.dispose()
+
+
+def _grant(eng, role):
+    from orchestrator.db.readonly import grant_reader
+
+    with eng.begin() as c:
+        grant_reader(c, role, login=True)
+
+
+@pytest.fixture
+def filled(db_url, write_result, tmp_path, real_config, reader):
     """Two real runs of sweep `patch` (+ one failed run of sweep `other`), ingested."""
     (h4, c4), (h8, c8) = real_config(4), real_config(8)
     write_result(h4, "tokenizer", 1, sweep="patch", config=c4, params={"model.patch_size": 4},
@@ -32,6 +63,8 @@ def filled(db_url, write_result, tmp_path, real_config):
     store = Store(db_url)
     store.upgrade()
     assert not ingest(store, [tmp_path / "runs"]).errors
+    if reader:
+        reader()
     yield store, h4, h8
     store.dispose()
 
@@ -96,15 +129,18 @@ def test_read_only_sql_refuses_writes(sqlite_url, tmp_path, run_cli, sql):
 
 
 def test_read_only_check_ignores_literals_and_comments():
+    # the statement that runs is re-generated from its parse tree (comments dropped)
     assert check_read_only("SELECT name FROM metrics WHERE name = 'delete' -- drop\n;") \
-        == "SELECT name FROM metrics WHERE name = 'delete' -- drop"
+        == "SELECT name FROM metrics WHERE name = 'delete'"
     assert check_read_only("select replace(name, 'a', 'b') from sweeps")
 
 
-def test_read_only_connection_refuses_writes_itself(db_url):
+def test_read_only_connection_refuses_writes_itself(db_url, reader):
     """Past the statement check, the connection itself cannot write (mode=ro / READ ONLY)."""
     store = Store(db_url)
     store.upgrade()
+    if reader:
+        reader()
     ro = Store(db_url, readonly=True)
     with pytest.raises(Exception, match="(?i)read.?only"):
         with ro.engine.begin() as c:
