@@ -3,7 +3,10 @@
 * :func:`max_array_size` — the cluster's ``MaxArraySize`` (``scontrol show config``),
   the bound for chunking arrays (submitit does not split them itself).
 * :func:`job_states` — states of many jobs with **one** ``sacct`` call.
-* :func:`cancel` — ``scancel`` many jobs with one call.
+* :func:`cancel` — ``scancel`` many jobs with one call (its exit is checked).
+* :func:`jobs_named` — the jobs whose name is one of many (``squeue`` + ``sacct``): how a
+  submission finds the arrays it had sbatch'ed before a crash.
+* :func:`refusal` — which sbatch option an ``sbatch: error:`` message is about.
 """
 from __future__ import annotations
 
@@ -15,9 +18,16 @@ import subprocess
 # Slurm states that are not final (PREEMPTED/REQUEUED jobs come back).
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "PREEMPTED", "STAGE_OUT", "SIGNALING", "STOPPED", "RESV_DEL_HOLD"}
-# final Slurm state -> stage state in the database
+# final Slurm state -> stage state in the database.  PREEMPTED is final only once the job
+# has ended and was not requeued (a requeued job reads REQUEUED/PENDING again); SPECIAL_EXIT
+# is a job requeued *held* after a special exit code: nothing will run it without a person.
 FINAL_STATES = {"COMPLETED": "finished", "FAILED": "failed", "CANCELLED": "cancelled", "TIMEOUT": "failed",
-                "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+                "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed",
+                "PREEMPTED": "failed", "SPECIAL_EXIT": "failed", "REVOKED": "cancelled"}
+# sbatch error text -> the option the user must fix (first match wins)
+_REFUSALS = (("partition", "partition"), ("gres", "gpus"), ("generic resource", "gpus"), ("account", "account"),
+             ("qos", "qos"), ("time limit", "time_min"), ("memory", "mem_gb"), ("dependency", "dependency"),
+             ("cpu", "cpus"), ("node", "partition"))
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default when the config cannot be read
 
 
@@ -109,6 +119,41 @@ def job_states(job_ids: list[str]) -> dict[str, dict]:
 
 
 def cancel(job_ids: list[str]) -> None:
-    """``scancel`` the given jobs / array elements (one call; unknown ids are ignored)."""
-    if job_ids:
-        subprocess.run(["scancel", *sorted(set(job_ids))], capture_output=True, text=True, timeout=120)
+    """``scancel`` the given jobs / array elements with one call.
+
+    Raises :class:`SlurmError` when scancel fails for anything but ids Slurm no longer
+    knows (a job that already ended and was purged needs no cancelling).
+    """
+    if not job_ids:
+        return
+    out = subprocess.run(["scancel", *sorted(set(job_ids))], capture_output=True, text=True, timeout=120)
+    problems = [ln for ln in out.stderr.splitlines() if ln.strip() and "Invalid job id specified" not in ln
+                and "already completing or completed" not in ln]
+    if out.returncode != 0 and problems:
+        raise SlurmError(f"scancel failed (exit {out.returncode}): {'; '.join(problems)[:500]}")
+
+
+def jobs_named(names: list[str], since: str = "now-7days") -> dict[str, str]:
+    """Job name -> base job id (``123``) for the jobs called one of ``names``.
+
+    Asks both ``squeue`` (the controller knows a job the instant sbatch returns) and
+    ``sacct`` (jobs the controller has already forgotten).  A name submitted twice maps to
+    the id of one of them; callers make names unique (a submission id in every name).
+    """
+    if not names:
+        return {}
+    wanted, out = set(names), {}
+    queue = _run(["squeue", "-h", "-a", "-o", "%F|%j", "-n", ",".join(sorted(wanted))], timeout=120)
+    acct = _run(["sacct", "-X", "-n", "-P", "-a", "-S", since, "-o", "JobID,JobName", "--name",
+                 ",".join(sorted(wanted))], timeout=120)
+    for line in acct.splitlines() + queue.splitlines():
+        jid, _, name = line.partition("|")
+        if name in wanted and jid.strip():
+            out[name] = jid.strip().split("_")[0]  # %F / JobID of an array: its base id
+    return out
+
+
+def refusal(message: str) -> str:
+    """The sweep-file option an ``sbatch: error: ...`` message is about (``"option"`` if unknown)."""
+    low = message.lower()
+    return next((opt for word, opt in _REFUSALS if word in low), "option")

@@ -7,10 +7,21 @@ the orchestrator wrote before submission — ``config.yaml`` (resolved RunConfig
 reloads a stale state baked into its pickle.  Each attempt writes one immutable result
 file via :func:`orchestrator.results.write_result_file`; jobs never open the database.
 
+One run directory, one process: a stage holds an exclusive ``flock`` on
+``{run_root}/{stage}/.lock`` (holder pid, host and start time written in it) from before it
+picks its attempt number until its result file is written, on every executor.  A second
+start of the same stage raises :class:`StageLocked` ("... locked by pid P on H since T") and
+writes nothing in the run directory.
+
+A run shared by two sweeps lives where it was first run: ``run.json`` may carry
+``upstream: {stage: absolute dir}`` for parent stages finished under another sweep's
+directory, and the stage functions read their inputs from there.
+
 Run as a subprocess (the ``local`` executor): ``python -m orchestrator.stages STAGE RUN_ROOT``.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -67,10 +78,17 @@ def _latest_checkpoint(out_dir: Path) -> str | None:
     return steps[-1].name if steps else None
 
 
+def stage_dir(ctx: StageContext, stage: str) -> Path:
+    """Output directory of another stage of this run: where ``run.json`` says it was run
+    (a run shared with an earlier sweep), else beside this stage."""
+    upstream = ctx.run.get("upstream") or {}
+    return Path(upstream[stage]) if stage in upstream else ctx.run_root / stage
+
+
 def _tokenizer_dir(ctx: StageContext) -> Path:
     """The tokenizer that evaluation and generation use: the fine-tuned one when the sweep
     has a ``finetune`` stage (phase 2), else the joint-training one."""
-    return ctx.run_root / ("finetune" if "finetune" in ctx.run.get("stages", {}) else "tokenizer")
+    return stage_dir(ctx, "finetune" if "finetune" in ctx.run.get("stages", {}) else "tokenizer")
 
 
 def tokenizer_stage(ctx: StageContext) -> dict:
@@ -86,7 +104,7 @@ def finetune_stage(ctx: StageContext) -> dict:
     from core.train import train
 
     resumed_from = _latest_checkpoint(ctx.out_dir)
-    cfg = finetune_phase(ctx.config, ctx.run_root / "tokenizer")
+    cfg = finetune_phase(ctx.config, stage_dir(ctx, "tokenizer"))
     return _core_result(train(cfg, ctx.out_dir), resumed_from)
 
 
@@ -231,6 +249,51 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+class StageLocked(RuntimeError):
+    """Another process holds this stage of this run directory."""
+
+
+def lock_path(run_root: str | Path, stage: str) -> Path:
+    return Path(run_root) / stage / ".lock"
+
+
+def acquire_stage_lock(run_root: str | Path, stage: str) -> int:
+    """Take the stage's exclusive lock (non-blocking); returns the fd that holds it.
+
+    The lock lives as long as the fd (the process): a killed holder releases it.  Raises
+    :class:`StageLocked` naming the holder when another process has it.
+    """
+    path = lock_path(run_root, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise StageLocked(f"stage {stage} of run {run_root} is locked by {holder}: not starting it twice") from None
+    me = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+    job = os.environ.get("SLURM_JOB_ID")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (me + (f" (slurm job {job})" if job else "") + "\n").encode(), 0)
+    return fd
+
+
+def lock_holder(run_root: str | Path, stage: str) -> str | None:
+    """Who holds the stage's lock now (None: nobody; the probe takes and drops it)."""
+    path = lock_path(run_root, stage)
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
 def run_stage(stage: str, run_root: str | Path) -> str:
     """Run one stage of one run and write its result file; re-raise the stage's exception.
 
@@ -240,22 +303,26 @@ def run_stage(stage: str, run_root: str | Path) -> str:
     run_root = Path(run_root)
     started = datetime.now(timezone.utc)
     run, tree = read_run(run_root)
-    attempt = next_attempt(run_root, stage)
     out_dir = run_root / stage
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(stage, run_root, out_dir, tree, run, run.get("stages", {}).get(stage, {}), attempt)
-    if _rank() != 0:
-        STAGES[stage](ctx)
+    if _rank() != 0:  # rank 0 holds the lock for the whole (multi-rank) job
+        attempt = next_attempt(run_root, stage)
+        STAGES[stage](StageContext(stage, run_root, out_dir, tree, run, run.get("stages", {}).get(stage, {}), attempt))
         return ""
+    lock = acquire_stage_lock(run_root, stage)  # before the attempt number: two starts never share one
     try:
-        body = STAGES[stage](ctx)
-    except Exception as e:
-        traceback.print_exc()
-        error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc(),
-                 "log_tail": log_tail(_log_file())}
-        _write(run_root, run, stage, attempt, "failed", started, tree, {}, error)
-        raise
-    return str(_write(run_root, run, stage, attempt, "finished", started, tree, body))
+        attempt = next_attempt(run_root, stage)
+        ctx = StageContext(stage, run_root, out_dir, tree, run, run.get("stages", {}).get(stage, {}), attempt)
+        try:
+            body = STAGES[stage](ctx)
+        except Exception as e:
+            traceback.print_exc()
+            error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc(),
+                     "log_tail": log_tail(_log_file())}
+            _write(run_root, run, stage, attempt, "failed", started, tree, {}, error)
+            raise
+        return str(_write(run_root, run, stage, attempt, "finished", started, tree, body))
+    finally:
+        os.close(lock)
 
 
 class StageTask(submitit.helpers.Checkpointable):
@@ -296,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run_stage(argv[0], argv[1])
+    except StageLocked as e:
+        print(f"orchestrate: {e}", file=sys.stderr)
+        return 1
     except Exception:
         return 1
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from orchestrator.cli import UsageError, db_url
 
@@ -21,6 +22,12 @@ def run(args: argparse.Namespace) -> int:
         name = sweep_name(store, args.sweep)
     except LookupError as e:
         raise UsageError(str(e)) from None
-    ids = cancel_sweep(store, name)
+    from orchestrator.slurm import SlurmError
+
+    try:
+        ids = cancel_sweep(store, name)
+    except SlurmError as e:  # nothing was marked cancelled
+        print(f"orchestrate cancel: sweep {name}: {e}", file=sys.stderr)
+        return 1
     print(f"sweep {name}: cancelled {len(ids)} jobs")
     return 0

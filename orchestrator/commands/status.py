@@ -1,7 +1,7 @@
 """`orchestrate status [SWEEP]`: counts per state and a per-run table.
 
-When the submission module provides ``orchestrator.submit.refresh_states(store, sweep)``,
-it is called first for each shown sweep (ingest new result files, read Slurm states).
+``orchestrator.reconcile.refresh_states(store, sweep)`` is called first for each shown sweep
+(settle crashed submissions, ingest new result files, read Slurm states with one sacct).
 """
 from __future__ import annotations
 
@@ -24,11 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _refresh_hook():
-    try:
-        mod = importlib.import_module("orchestrator.submit")
-    except ImportError:
-        return None
-    return getattr(mod, "refresh_states", None)
+    return importlib.import_module("orchestrator.reconcile").refresh_states
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=EXECUTORS, default=None, help="override the sweep file's executor")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, arrays, dependencies), submit nothing")
     p.add_argument("--wait", action="store_true", help="block until every submitted stage is over, then ingest")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --wait: give up waiting after this long (exit 1; the jobs keep running)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -71,6 +73,26 @@ def run(args: argparse.Namespace) -> int:
               f"at {summary['best_params']}")
         return 0
     store = existing_store(url) if args.dry_run else open_store(url)
-    result = submit_sweep(store, sweep, executor=args.executor, dry_run=args.dry_run, wait=args.wait)
+    return submit_and_report(lambda: submit_sweep(store, sweep, executor=args.executor, dry_run=args.dry_run,
+                                                  wait=args.wait, timeout_s=args.timeout), args)
+
+
+def submit_and_report(submit, args: argparse.Namespace) -> int:
+    """Run ``submit()`` and print its result; an sbatch refusal is one line and exit 2, a
+    ``--wait`` that ran past ``--timeout`` exit 1 (shared by submit and retry)."""
+    import sys
+
+    from orchestrator.executors import SubmissionRefused
+
+    if args.timeout is not None and not args.wait:
+        raise UsageError("--timeout needs --wait")
+    try:
+        result = submit()
+    except SubmissionRefused as e:
+        raise UsageError(f"{args.sweep}: {e} (fix the stage's resources in the sweep file and submit again; "
+                         f"arrays already queued are not submitted twice)") from None
+    except TimeoutError as e:
+        print(f"orchestrate: {e}; the jobs keep running (`orchestrate status`)", file=sys.stderr)
+        return 1
     print_result(result, args.json, args.dry_run)
     return 1 if any(st == "failed" for st in result.states.values()) else 0

@@ -111,7 +111,7 @@ def test_debug_executor_matches_reference_and_config_change_is_a_new_run(tmp_pat
 
 
 def test_multi_gpu_tokenizer_stage_gets_one_task_per_gpu(tmp_path):
-    from orchestrator.submit import _sbatch_params
+    from orchestrator.executors.slurm import sbatch_params as _sbatch_params
     from orchestrator.sweep import load_sweep
 
     doc = yaml.safe_load(make_sweep(tmp_path, tmp_path / "m").read_text())
