@@ -5,7 +5,9 @@
 * A later attempt of a (run, stage) supersedes an earlier one: its metrics and artifacts
   replace the earlier attempt's.  An earlier attempt arriving after a later one is recorded
   but loads nothing.
-* A truncated / malformed file is reported with its path and the reason, and skipped.
+* A truncated / malformed / hostile file (bad JSON, wrong types, an integer beyond 64 bits,
+  a NUL character, NaN outside a metric value, deeper than 64 levels, over 64 MiB) is reported
+  with its path and the reason, and skipped; the others load.
 * A file already ingested from the same path with the same size is skipped unread (result
   files are immutable; ``status`` re-scans every run directory).
 * Files are loaded in batch transactions for speed; if anything in a batch fails at the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,9 +31,10 @@ from orchestrator.db import fastjson
 from orchestrator.db.configs import flatten, tree_delta, unflatten
 from orchestrator.db.models import Artifact, IngestedFile, Metric, Param, Run, RunStage, Sweep, param_columns
 from orchestrator.db.store import Store, run_status, sweep_bases
-from orchestrator.results import ResultFileError, iter_result_files, parse_time, validate_payload
+from orchestrator.results import MAX_FILE_BYTES, ResultFileError, iter_result_files, parse_time, validate_payload
 
 BATCH = 500  # files per transaction
+_LONG_DIGITS = re.compile(rb"\d{19}")
 ERROR_TAIL_CHARS = 4000
 
 
@@ -65,13 +69,18 @@ class _File:
 
 def _read(path: Path) -> _File:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)  # never more than the cap in memory
     except OSError as e:
         raise ResultFileError(f"{path}: cannot read: {e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ResultFileError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; not a result file")
     try:
-        payload = fastjson.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultFileError(f"{path}: not valid JSON (truncated?): {e}") from None
+        # orjson reads an integer beyond 64 bits as a float (silently): such text goes to the
+        # stdlib parser, whose exact int the validator then refuses.
+        payload = json.loads(data) if _LONG_DIGITS.search(data) else fastjson.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ResultFileError(f"{path}: not valid JSON (truncated?): {str(e)[:200]}") from None
     validate_payload(payload, str(path))
     return _File(str(path), hashlib.sha256(data).hexdigest(), len(data), payload)
 
@@ -311,11 +320,15 @@ def _load_batch(store: Store, files: list[_File], report: IngestReport, retries:
             last = e
             if len(files) == 1 and not _retryable(e):
                 break
+        except (ValueError, TypeError, OverflowError, UnicodeError) as e:  # a value the driver cannot bind
+            last = e
+            break
     if len(files) > 1:
         for f in files:
             _load_batch(store, [f], report, retries)
         return
-    report.errors.append((files[0].path, f"database error: {str(last.orig).strip().splitlines()[0]}"))
+    reason = str(getattr(last, "orig", None) or last).strip().splitlines() or [type(last).__name__]
+    report.errors.append((files[0].path, f"cannot be stored: {reason[0][:300]}"))
 
 
 def _retryable(e: DBAPIError) -> bool:

@@ -48,6 +48,9 @@ from typing import Any, Mapping
 from core.io import write_json_atomic
 
 SCHEMA_VERSION = 1
+MAX_FILE_BYTES = 64 * 2**20  # a result file is a few kB; anything near this is not one
+MAX_DEPTH = 64  # nesting of objects/lists (a resolved config is 3 deep)
+INT64 = (-(2**63), 2**63 - 1)
 RESULT_STATUSES = ("finished", "failed", "preempted")
 _STAGE_RE = re.compile(r"^[a-z0-9_\-]+$")
 _NAME_RE = re.compile(r"^(?P<stage>[a-z0-9_\-]+)\.attempt(?P<attempt>[0-9]+)\.json$")
@@ -240,6 +243,43 @@ def validate_payload(p: Any, origin: str) -> None:
         _fail(origin, "error", "must be an object or null")
     if "info" in p and type(p["info"]) is not dict:
         _fail(origin, "info", "must be an object")
+    check_values(p, origin)
+
+
+def check_values(p: dict, origin: str) -> None:
+    """Values every database can store: integers within 64 bits, text without NUL characters
+    or lone surrogates, no NaN/Infinity outside ``metrics[].value`` (a diverged run), nesting at
+    most ``MAX_DEPTH``.  Raises :class:`ResultFileError` naming the key.
+
+    One iterative walk (no recursion: a hostile file cannot exhaust the stack)."""
+    stack: list[tuple[str, Any, int]] = [(k, v, 1) for k, v in p.items() if k != "metrics"]
+    stack += [(f"metrics[{i}].{k}", v, 2) for i, m in enumerate(p["metrics"]) for k, v in m.items()]
+    while stack:
+        key, v, depth = stack.pop()
+        t = type(v)
+        if t is str:
+            if "\x00" in v:
+                _fail(origin, key, "contains a NUL character")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                _fail(origin, key, "contains a lone surrogate (not valid UTF-8 text)")
+        elif t is int:
+            if not INT64[0] <= v <= INT64[1]:
+                _fail(origin, key, f"integer {str(v)[:30]}... does not fit in 64 bits")
+        elif t is float:
+            if v != v or v in (float("inf"), float("-inf")):
+                if not (key.startswith("metrics[") and key.endswith("].value")):
+                    _fail(origin, key, f"{v} is allowed only in a metric value")
+        elif t is dict or t is list:
+            if depth >= MAX_DEPTH:
+                _fail(origin, key, f"nested deeper than {MAX_DEPTH} levels")
+            items = v.items() if t is dict else enumerate(v)
+            for k, x in items:
+                if t is dict:
+                    if type(k) is not str or "\x00" in k:
+                        _fail(origin, key, "has a key with a NUL character")
+                stack.append((f"{key}.{k}" if t is dict else f"{key}[{k}]", x, depth + 1))
 
 
 def iter_result_files(paths: list[str | Path]) -> list[Path]:

@@ -243,3 +243,81 @@ def test_cli_ingest(tmp_path, write_result, run_cli):
     assert out.returncode == 1 and str(bad) in out.stderr and "errors 1" in out.stdout
     out = run_cli("ingest", "--db", url, str(tmp_path / "nope"))
     assert out.returncode == 2 and "nope" in out.stderr
+
+
+def _hostile_files(payload) -> dict[str, str]:
+    """name -> JSON text of result files that must be skipped (each for its own reason)."""
+    good = json.dumps(payload("b" * 16))
+
+    def edit(fn) -> str:
+        p = payload("b" * 16)
+        fn(p)
+        return json.dumps(p)
+
+    return {
+        "int65_step": good.replace('"step": 10', '"step": 99999999999999999999999'),
+        "int65_config": edit(lambda p: p["config"]["train"].update(seed=2**70)),
+        "int65_param": edit(lambda p: p["params"].update({"model.patch_size": -2**64})),
+        "nul_host": edit(lambda p: p.update(host="node\x00one")),
+        "nul_metric_name": edit(lambda p: p["metrics"][0].update(name="ps\x00nr")),
+        "nul_config_key": edit(lambda p: p["config"].update({"a\x00b": 1})),
+        "nan_config": edit(lambda p: p["config"]["train"].update(lr=float("nan"))),
+        "inf_param": edit(lambda p: p["params"].update(x=float("inf"))),
+        "nan_step": good.replace('"step": 10', '"step": NaN'),
+        "surrogate_sweep": good.replace('"sweep": "s1"', '"sweep": "s\\ud800"'),
+        "truncated": good[: len(good) // 2],
+        "wrong_type": edit(lambda p: p.update(attempt="1")),
+        "deep": good.replace('"info": {}', '"info": ' + "[" * 100_000 + "]" * 100_000),
+        "deep_config": edit(lambda p: p["config"].update(x=json.loads("[" * 200 + "]" * 200))),
+        "not_object": "[1, 2, 3]",
+        "binary": "\udcff",
+    }
+
+
+def test_hostile_result_files_are_reported_and_skipped(store, write_result, tmp_path, payload):
+    """One bad file never stops an ingest (nor status/submit, which ingest): every bad file is
+    named with its reason, every good file loads, on SQLite and PostgreSQL."""
+    good = [write_result(f"{i:016x}") for i in range(3)]
+    bad = {}
+    for i, (name, text) in enumerate(_hostile_files(payload).items()):
+        path = tmp_path / "runs" / "s1" / f"{i + 100:016x}" / "results" / "tokenizer.attempt1.json"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        bad[str(path)] = name
+    huge = tmp_path / "runs" / "s1" / ("e" * 16) / "results" / "tokenizer.attempt1.json"
+    huge.parent.mkdir(parents=True)
+    with open(huge, "wb") as fh:  # 100 GiB (sparse): read no further than the cap
+        fh.truncate(100 * 2**30)
+    bad[str(huge)] = "huge"
+    r = ingest(store, [tmp_path / "runs"])
+    reasons = dict(r.errors)
+    assert sorted(reasons) == sorted(bad), [(bad.get(p, p), why.rsplit(": ", 2)[-2:]) for p, why in r.errors]
+    assert r.loaded == 3
+    assert "64 bits" in reasons[next(p for p, n in bad.items() if n == "int65_config")]
+    assert "'config.train.seed'" in reasons[next(p for p, n in bad.items() if n == "int65_config")]
+    assert "NUL" in reasons[next(p for p, n in bad.items() if n == "nul_host")]
+    assert "only in a metric value" in reasons[next(p for p, n in bad.items() if n == "nan_config")]
+    assert "MiB" in reasons[str(huge)]
+    assert count(store, Run) == 3 and count(store, Metric) == 3 and count(store, IngestedFile) == 3
+    again = ingest(store, [tmp_path / "runs"])  # the next status/submit: same report, nothing recorded
+    assert sorted(p for p, _ in again.errors) == sorted(bad) and again.skipped_duplicate == 3
+    assert count(store, IngestedFile) == 3
+    # NaN stays legal where it means something: a diverged run's metric value
+    write_result("d" * 16, metrics=[{"name": "train_loss", "value": float("nan"), "step": 5}])
+    assert ingest(store, [tmp_path / "runs" / "s1" / ("d" * 16)]).loaded == 1
+
+
+def test_values_the_driver_cannot_bind_are_reported_not_raised(store, tmp_path, payload, monkeypatch):
+    """Past validation, a file the database refuses costs only itself (no traceback)."""
+    import orchestrator.ingest as ing
+
+    monkeypatch.setattr(ing, "validate_payload", lambda p, origin: None)  # let a 65-bit int reach the driver
+    p = payload("c" * 16, metrics=[{"name": "psnr", "value": 1.0, "step": 2**70}])
+    path = tmp_path / "x" / "results" / "tokenizer.attempt1.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(p))
+    ok = tmp_path / "y" / "results" / "tokenizer.attempt1.json"
+    ok.parent.mkdir(parents=True)
+    ok.write_text(json.dumps(payload("a" * 16)))
+    r = ingest(store, [tmp_path / "x", tmp_path / "y"])
+    assert r.loaded == 1 and [p for p, _ in r.errors] == [str(path)] and "cannot be stored" in r.errors[0][1]
