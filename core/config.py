@@ -130,6 +130,8 @@ class EvalConfig(Section):
     probe_train: int = 2048
     probe_val: int = 512
     batch_size: int = 64
+    subset_seed: int = 0  # seed of every class-balanced subset (core.data.balanced_subset)
+    fid_reference: str | None = None  # npz with mu/sigma (torch-fidelity statistics) for gFID; None = balanced val subset
 
 
 class GeneratorConfig(Section):

@@ -5,11 +5,17 @@ LPIPS, rFID — and the linear probe before/after the bottleneck with the struct
 (paper Sec. 3.3).  Writes ``out_dir/{config.yaml, result.json}`` (docs/ARCHITECTURE.md);
 called again on a directory with a complete ``result.json`` it returns that result.
 
-Protocol: the first ``eval.num_samples`` val images are reconstructed with the EMA
+Protocol: ``eval.num_samples`` val images — a class-balanced subset drawn by
+``core.data.balanced_subset`` with ``eval.subset_seed`` — are reconstructed with the EMA
 weights; both images are quantised to uint8 before every metric.  rFID compares the
 reconstructions (fake) with the same val images (real).  The probe is fitted on pooled
-features of the first ``eval.probe_train`` train images and scored on the first
-``eval.probe_val`` val images.
+features of a balanced subset of ``eval.probe_train`` train images and scored on a balanced
+subset of ``eval.probe_val`` val images.  The subsets (size, seed, classes covered) are
+recorded in ``info.subsets``.
+
+Memory: everything streams batch by batch — per-image PSNR/SSIM/LPIPS values, running FID
+feature statistics (:class:`core.eval.fid.FeatureStatistics`) and the pooled probe features
+are kept; no image set is ever held (benchmarks/bench_memory.py).
 """
 from __future__ import annotations
 
@@ -22,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import numpy as np
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from core.config import ConfigError, RunConfig, config_hash, load_config, save_config
-from core.data import build_dataset
-from core.eval.fid import compute_fid_is, resolve_backbone
+from core.data import balanced_subset, build_dataset, dataset_labels, subset_info
+from core.eval.fid import FeatureStatistics, FidelityFeatures, frechet_distance, resolve_backbone
 from core.eval.metrics import psnr, psnr_mean, ssim, to_uint8
 from core.eval.probe import linear_probe, structure_loss
 from core.io import read_complete_result, write_json_atomic
@@ -41,25 +48,30 @@ STAGE = "evaluate"
 METRICS = ("psnr", "ssim", "lpips", "rfid", "probe_acc_before", "probe_acc_after", "structure_loss")
 
 
-def _loader(dataset, n: int, cfg: RunConfig, desc: str):
-    """The first n items of ``dataset`` in order, batched, with a progress bar."""
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=cfg.eval.batch_size, shuffle=False,
+def _loader(dataset, indices: np.ndarray, cfg: RunConfig, desc: str):
+    """The items ``indices`` of ``dataset`` in order, batched by ``data.num_workers`` workers."""
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=cfg.eval.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers)
     return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
 
 
-def _take(dataset, n: int, key: str) -> int:
-    if n > len(dataset):
-        raise ConfigError(f"{key}={n} exceeds the {len(dataset)} images of the split; lower {key}")
-    return n
+def take_subset(dataset, n: int, key: str, seed: int) -> tuple[np.ndarray, dict]:
+    """Class-balanced indices (n,) of ``dataset`` and their ``info`` record; ConfigError naming ``key``."""
+    if not 1 <= n <= len(dataset):
+        raise ConfigError(f"{key}={n} must be in [1, {len(dataset)}] (the images of the split); lower {key}")
+    labels = dataset_labels(dataset)
+    indices = balanced_subset(labels, n, seed)
+    return indices, {"key": key, **subset_info(labels, indices, seed)}
 
 
 @torch.no_grad()
-def reconstruction_metrics(model, dataset, n: int, cfg: RunConfig, device: torch.device) -> dict:
-    """PSNR/SSIM/LPIPS/rFID of the first n images of ``dataset`` (see the module docstring)."""
+def reconstruction_metrics(model, dataset, indices: np.ndarray, cfg: RunConfig, device: torch.device) -> dict:
+    """PSNR/SSIM/LPIPS/rFID of the images ``indices`` of ``dataset`` (see the module docstring)."""
     lpips, lpips_name = build_perceptual_loss(cfg.loss, device)
-    psnrs, ssims, dists, reals, fakes = [], [], [], [], []
-    for x, _ in _loader(dataset, n, cfg, "reconstruct"):
+    features = FidelityFeatures(resolve_backbone(cfg.eval), cfg.eval.inception_weights, isc=False, device=device.type)
+    real_stats, fake_stats = FeatureStatistics(), FeatureStatistics()
+    psnrs, ssims, dists = [], [], []  # per-image values (N,) float: the only per-image state kept
+    for x, _ in _loader(dataset, indices, cfg, "reconstruct"):
         x = x.to(device)
         x_hat, _ = model(x)
         real, fake = to_uint8(x), to_uint8(x_hat)  # (B, 3, H, W) uint8
@@ -67,24 +79,22 @@ def reconstruction_metrics(model, dataset, n: int, cfg: RunConfig, device: torch
         ssims.append(ssim(fake, real).cpu())
         # LPIPS on the quantised images too, back in [-1, 1]
         dists.append(lpips(fake.float() / 127.5 - 1, real.float() / 127.5 - 1).cpu())
-        reals.append(real.cpu())
-        fakes.append(fake.cpu())
+        real_stats.update(features.features(real)[0])
+        fake_stats.update(features.features(fake)[0])
     psnrs, ssims, dists = torch.cat(psnrs), torch.cat(ssims), torch.cat(dists)
-    fid_name = resolve_backbone(cfg.eval)
-    fid = compute_fid_is(torch.cat(fakes), torch.cat(reals), fid_name, cfg.eval.inception_weights, isc=False,
-                         device=device.type, batch_size=cfg.eval.batch_size)
     return {
-        "psnr": psnr_mean(psnrs), "ssim": float(ssims.mean()), "lpips": float(dists.mean()), "rfid": fid["fid"],
-        "lpips_backbone": lpips_name, "fid_backbone": fid["backbone"],
+        "psnr": psnr_mean(psnrs), "ssim": float(ssims.mean()), "lpips": float(dists.mean()),
+        "rfid": frechet_distance(fake_stats.statistics(), real_stats.statistics()),
+        "lpips_backbone": lpips_name, "fid_backbone": features.backbone,
         "psnr_identical_images": int(torch.isinf(psnrs).sum()),
     }
 
 
 @torch.no_grad()
-def probe_features(model, dataset, n: int, cfg: RunConfig, device: torch.device, desc: str):
-    """(pooled tokens (n, d), pooled latent (n, c), labels (n,)) of the first n images."""
+def probe_features(model, dataset, indices: np.ndarray, cfg: RunConfig, device: torch.device, desc: str):
+    """(pooled tokens (n, d), pooled latent (n, c), labels (n,)) of the images ``indices``."""
     before, after, labels = [], [], []
-    for x, y in _loader(dataset, n, cfg, desc):
+    for x, y in _loader(dataset, indices, cfg, desc):
         tokens, latent = model.probe_features(x.to(device))
         before.append(tokens.float().cpu())
         after.append(latent.float().cpu())
@@ -147,12 +157,14 @@ def evaluate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> 
 
     t0 = time.time()
     val, train = build_dataset(cfg.data, "val"), build_dataset(cfg.data, "train")
-    n_rec = _take(val, cfg.eval.num_samples, "eval.num_samples")
-    n_ptrain = _take(train, cfg.eval.probe_train, "eval.probe_train")
-    n_pval = _take(val, cfg.eval.probe_val, "eval.probe_val")
-    rec = reconstruction_metrics(model, val, n_rec, cfg, device)
-    tb, ta, ty = probe_features(model, train, n_ptrain, cfg, device, "probe train")
-    vb, va, vy = probe_features(model, val, n_pval, cfg, device, "probe val")
+    seed_subset = cfg.eval.subset_seed
+    rec_idx, rec_info = take_subset(val, cfg.eval.num_samples, "eval.num_samples", seed_subset)
+    ptrain_idx, ptrain_info = take_subset(train, cfg.eval.probe_train, "eval.probe_train", seed_subset)
+    pval_idx, pval_info = take_subset(val, cfg.eval.probe_val, "eval.probe_val", seed_subset)
+    n_rec, n_ptrain, n_pval = len(rec_idx), len(ptrain_idx), len(pval_idx)
+    rec = reconstruction_metrics(model, val, rec_idx, cfg, device)
+    tb, ta, ty = probe_features(model, train, ptrain_idx, cfg, device, "probe train")
+    vb, va, vy = probe_features(model, val, pval_idx, cfg, device, "probe val")
     probe_kw = {"method": cfg.eval.probe, "num_classes": getattr(val, "num_classes", None), "device": device}
     before = linear_probe(tb, ty, vb, vy, **probe_kw)
     after = linear_probe(ta, ty, va, vy, **probe_kw)
@@ -176,6 +188,8 @@ def evaluate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> 
             "lpips_backbone": rec["lpips_backbone"], "fid_backbone": rec["fid_backbone"],
             "probe_method": cfg.eval.probe, "probe_lam_before": before["lam"], "probe_lam_after": after["lam"],
             "probe_train": n_ptrain, "probe_val": n_pval, "psnr_identical_images": rec["psnr_identical_images"],
+            "subsets": {"reconstruction": rec_info, "probe_train": ptrain_info, "probe_val": pval_info},
+            "subset_seed": seed_subset,
             "accuracy_unit": "fraction", "quantised_uint8": True, "seed": cfg.train.seed, "effective_seed": seed,
             "device": str(device), "eval_time_s": round(time.time() - t0, 2), "config_hash": config_hash(cfg),
             "torch_version": torch.__version__,

@@ -2,13 +2,19 @@
 
     python -m core.generate CONFIG.yaml --tokenizer-dir DIR --out-dir DIR
 
-Pipeline: encode the train split with the (EMA) tokenizer -> per-channel normalisation
--> flow-matching DiT training (core.generator.train) -> after each step of
-``generator.eval_at`` and after the last step: ``generator.num_samples`` class-balanced
-samples of the EMA model, decoded by the tokenizer, against the same number of real
-val images -> gFID and IS (backbone from ``eval``, recorded beside each number).
+Pipeline: encode the train split with the (EMA) tokenizer into memory-mapped float32
+shards (``data.num_workers`` loader workers; core.generator.latents) -> per-channel
+normalisation on access -> flow-matching DiT training (core.generator.train) -> after each
+step of ``generator.eval_at`` and after the last step: ``generator.num_samples`` samples of
+the EMA model with uniform class labels (label i mod K: N/K per class, e.g. 50 per class
+for 50k on ImageNet), decoded by the tokenizer -> gFID and IS (backbone from ``eval``,
+recorded beside each number).  The gFID reference is ``eval.fid_reference`` (precomputed
+mu/sigma, e.g. ADM's ImageNet-256 batch) when set, else a class-balanced subset of
+``generator.num_samples`` val images (``core.data.balanced_subset``, ``eval.subset_seed``);
+``info.gfid_reference`` says which.  Sampling, decoding and feature extraction stream
+batch by batch: only feature statistics and IS logits are kept.
 
-Writes ``out_dir/{config.yaml, log.jsonl, latents_train.pt, latent_stats.pt, checkpoints/,
+Writes ``out_dir/{config.yaml, log.jsonl, latents_train/, latent_stats.pt, checkpoints/,
 samples.png, result.json}``.  Called again it resumes from the latest checkpoint, or
 returns the existing result when ``result.json`` is complete.
 """
@@ -20,17 +26,20 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torchvision
 from PIL import Image
 
 from core.config import ConfigError, RunConfig, config_dict, config_hash, load_config, save_config
-from core.data import build_dataset
-from core.eval.fid import compute_fid_is, resolve_backbone
+from core.data import balanced_subset, build_dataset, dataset_labels, subset_info
+from core.eval.fid import (
+    FeatureStatistics, FidelityFeatures, frechet_distance, inception_score, load_reference_statistics, resolve_backbone,
+)
 from core.eval.metrics import to_uint8
-from core.generator.flow import sample_latents
-from core.generator.latents import cached_latents, load_or_compute_stats
+from core.generator.flow import guided, sample
+from core.generator.latents import NormalizedLatents, cache_latents, load_or_compute_stats
 from core.generator.train import resolve_shift, train_generator
 from core.io import write_atomic, write_json_atomic
 from core.seed import seed_everything
@@ -40,18 +49,36 @@ from core.trainer.distributed import resolve_device
 SAMPLES_PNG_COUNT = 64
 
 
-def real_images(dataset, n: int) -> torch.Tensor:
-    """The first ``n`` images of ``dataset`` as uint8 (n, 3, H, W), from its exact bytes."""
-    n = min(n, len(dataset))
-    return torch.stack([torch.from_numpy(dataset.render_uint8(i)).permute(2, 0, 1) for i in range(n)])
+def real_statistics(dataset, n: int, seed: int, features: FidelityFeatures, batch_size: int = 64) -> tuple[dict, dict]:
+    """FID statistics of a class-balanced subset of ``min(n, len(dataset))`` images (exact bytes).
+
+    Returns (stats, subset info); images are rendered and featurised ``batch_size`` at a time.
+    """
+    labels = dataset_labels(dataset)
+    indices = balanced_subset(labels, min(n, len(dataset)), seed)
+    stats = FeatureStatistics()
+    for i in range(0, len(indices), batch_size):
+        batch = [torch.from_numpy(dataset.render_uint8(int(j))).permute(2, 0, 1) for j in indices[i : i + batch_size]]
+        stats.update(features.features(torch.stack(batch))[0])
+    return stats.statistics(), subset_info(labels, indices, seed)
+
+
+def uniform_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Class labels (n,) of the samples: i mod K, so every class gets n // K or n // K + 1."""
+    return torch.arange(n) % num_classes
 
 
 @torch.no_grad()
-def decode_latents(tokenizer, stats, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Normalised latents (N, c, h, h) -> images uint8 (N, 3, H, W) on the CPU."""
-    out = [to_uint8(tokenizer.decode(stats.denormalize(z[i : i + batch_size]))).cpu()
-           for i in range(0, len(z), batch_size)]
-    return torch.cat(out)
+def sample_images(ema, tokenizer, stats, n: int, num_classes: int, latent_shape, gen, shift: float, seed: int,
+                  batch_size: int, device) -> Iterator[torch.Tensor]:
+    """Yield uint8 (B, 3, H, W) decoded samples, ``batch_size`` at a time (noise from ``seed``)."""
+    labels = uniform_labels(n, num_classes)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # one stream, drawn batch by batch
+    for i in range(0, n, batch_size):
+        y = labels[i : i + batch_size].to(device)
+        noise = torch.randn(len(y), *latent_shape, generator=g).to(device)
+        z = sample(guided(ema, y, gen.cfg_scale), noise, gen.sample_steps, gen.sampler, shift)
+        yield to_uint8(tokenizer.decode(stats.denormalize(z))).cpu()
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
@@ -111,32 +138,48 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
             f"image_size={cfg.data.image_size}"
         )
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
+    backbone = resolve_backbone(cfg.eval)
+    features = FidelityFeatures(backbone, cfg.eval.inception_weights, isc=True, device=device.type)
+    reference: dict = {}  # the gFID reference statistics, computed at the first evaluation
+    if cfg.eval.fid_reference:
+        # Loaded (and its width checked against the backbone) before any training, so a wrong
+        # file fails in seconds, not after latent caching and training.
+        dim = features.features(torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size, dtype=torch.uint8))[0].shape[1]
+        reference["stats"], reference["name"] = load_reference_statistics(cfg.eval.fid_reference, dim)
+        reference["num_real"] = None
     train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     num_classes = train_set.num_classes
-    latents, labels = cached_latents(tokenizer, train_set, out_dir / "latents_train.pt", cfg.eval.batch_size, device)
+    latents = cache_latents(tokenizer, train_set, out_dir / "latents_train", cfg.eval.batch_size, device,
+                            num_workers=cfg.data.num_workers)
     stats = load_or_compute_stats(out_dir / "latent_stats.pt", latents)
     latent_shape = tuple(latents.shape[1:])
 
     shift = resolve_shift(gen, latent_shape)
-    backbone = resolve_backbone(cfg.eval)
-    real = real_images(val_set, gen.num_samples)
     samples_png = out_dir / "samples.png"
 
     def evaluate(ema, step: int) -> list[dict]:
-        z, _ = sample_latents(
-            ema, gen.num_samples, num_classes, latent_shape, sampler=gen.sampler, steps=gen.sample_steps,
-            cfg_scale=gen.cfg_scale, shift=shift, seed=seed + step, batch_size=cfg.eval.batch_size, device=device,
-        )
-        fake = decode_latents(tokenizer, stats, z, cfg.eval.batch_size)
-        save_grid(fake[:SAMPLES_PNG_COUNT], samples_png)
-        scores = compute_fid_is(fake, real, backbone=backbone, inception_weights=cfg.eval.inception_weights,
-                                device=device.type, batch_size=cfg.eval.batch_size)
-        common = {"step": step, "backbone": scores["backbone"], "num_samples": scores["num_fake"]}
-        return [{"name": "gfid", "value": scores["fid"], **common},
-                {"name": "inception_score", "value": scores["inception_score"], **common}]
+        if not reference:
+            reference["stats"], info = real_statistics(val_set, gen.num_samples, cfg.eval.subset_seed, features,
+                                                       cfg.eval.batch_size)
+            reference["name"] = f"balanced-val-subset:{info['size']}:seed={info['seed']}"
+            reference["num_real"], reference["subset"] = info["size"], info
+        fake_stats, logits, first = FeatureStatistics(), [], []
+        for images in sample_images(ema, tokenizer, stats, gen.num_samples, num_classes, latent_shape, gen, shift,
+                                    seed + step, cfg.eval.batch_size, device):
+            if sum(len(x) for x in first) < SAMPLES_PNG_COUNT:
+                first.append(images)
+            feats, lg = features.features(images)
+            fake_stats.update(feats)
+            logits.append(lg)
+        save_grid(torch.cat(first)[:SAMPLES_PNG_COUNT], samples_png)
+        is_mean, _ = inception_score(torch.cat(logits))
+        common = {"step": step, "backbone": features.backbone, "num_samples": gen.num_samples}
+        return [{"name": "gfid", "value": frechet_distance(fake_stats.statistics(), reference["stats"]), **common},
+                {"name": "inception_score", "value": is_mean, **common}]
 
     out = train_generator(
-        gen, stats.normalize(latents), labels, num_classes, out_dir, seed=seed, device=device, evaluate=evaluate,
+        gen, NormalizedLatents(latents, stats), latents.labels, num_classes, out_dir, seed=seed, device=device,
+        evaluate=evaluate,
         ckpt_every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last, log_every=cfg.train.log_every,
         bf16=cfg.train.precision == "bf16" and device.type == "cuda", stop_at_step=stop_at_step,
     )
@@ -155,7 +198,13 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
             "complete": True, "seed": seed, "device": device.type, "fid_backbone": backbone,
             "generator_size": gen.size, "generator_params": out["ema"].num_params(),
             "latent_shape": list(latent_shape), "time_shift": shift, "num_classes": num_classes,
-            "num_train_latents": len(latents), "num_real": len(real), "sampler": gen.sampler,
+            "num_train_latents": len(latents), "latent_cache": {"dtype": latents.index["dtype"],
+                                                                "shards": len(latents.index["shards"])},
+            "gfid_reference": reference.get("name"), "num_real": reference.get("num_real"),
+            "real_subset": reference.get("subset"),
+            "sample_labels": {"scheme": "uniform (i mod K)", "per_class_min": gen.num_samples // num_classes,
+                              "per_class_max": -(-gen.num_samples // num_classes)},
+            "sampler": gen.sampler,
             "sample_steps": gen.sample_steps, "cfg_scale": gen.cfg_scale,
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
         },

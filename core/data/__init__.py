@@ -1,7 +1,9 @@
 """Datasets: the embedded synthetic set and ImageFolder (ImageNet-256 protocol).
 
 Every dataset yields ``(image float32 (3, H, W) in [-1, 1], label int)`` and offers
-``render_uint8(index) -> (H, W, 3) uint8``, ``label(index)`` and ``num_classes``.
+``render_uint8(index) -> (H, W, 3) uint8``, ``label(index)``,
+``labels`` (int64 (N,), no image decoded) and ``num_classes``.
+Subsets are taken only with :func:`balanced_subset` (class-stratified, seeded).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from core.data.imagefolder import ImageFolderDataset, center_crop_arr
 from core.data.sampler import DeterministicBatchSampler
+from core.data.subset import balanced_subset, dataset_labels, subset_info
 from core.data.synthetic import SyntheticShapes
 
 if TYPE_CHECKING:
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "build_dataset", "SyntheticShapes", "ImageFolderDataset", "center_crop_arr", "DeterministicBatchSampler",
+    "balanced_subset", "dataset_labels", "subset_info",
 ]
 
 

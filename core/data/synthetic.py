@@ -172,6 +172,11 @@ class SyntheticShapes(Dataset):
     def label(self, index: int) -> int:
         return index % self.num_classes
 
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 (N,) labels of the split, without drawing an image."""
+        return np.arange(self.size, dtype=np.int64) % self.num_classes
+
     def render_uint8(self, index: int) -> np.ndarray:
         """Image ``index`` as (H, W, 3) uint8 — the bytes that are identical on every machine."""
         if not 0 <= index < self.size:

@@ -9,21 +9,33 @@
   'logits_unbiased' for IS (mirroring Inception's protocol).  A proxy: its numbers are
   recorded with this backbone name and never compared with Inception FID.
 
-Both go through ``torch_fidelity.calculate_metrics`` so the statistics code is theirs.
+:func:`compute_fid_is` takes two in-memory image sets through ``torch_fidelity.calculate_metrics``.
+The evaluation stages stream instead (bounded memory at ImageNet size): :class:`FidelityFeatures`
+runs torch-fidelity's extractor on each batch, :class:`FeatureStatistics` keeps running float64
+sums (mean, covariance; O(D²) memory), IS keeps only the logits, and the distance and the score
+are torch-fidelity's own (``fid_statistics_to_metric``, ``isc_features_to_metric``).  A
+precomputed reference (``eval.fid_reference``, npz with ``mu``/``sigma``) replaces the real set.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
 
 from core.eval.featnet import FEATNET_NAME, load_featnet
+from core.io import write_atomic
 
 INCEPTION_NAME = "inception-v3-compat"
 _BACKBONES = {"embedded": FEATNET_NAME, FEATNET_NAME: FEATNET_NAME,
@@ -163,6 +175,119 @@ def compute_fid_is(fake_uint8: torch.Tensor, real_uint8: torch.Tensor, backbone:
         "num_fake": len(fake),
         "num_real": len(real),
     }
+
+
+class FidelityFeatures:
+    """A torch-fidelity feature extractor applied batch by batch (streaming FID/IS).
+
+    ``features(images uint8 (B, 3, H, W)) -> (fid features float64 (B, D), IS logits (B, C) or None)``,
+    from the same extractor and layers that :func:`compute_fid_is` uses through
+    ``torch_fidelity.calculate_metrics`` (Inception: '2048' and 'logits_unbiased').
+    """
+
+    def __init__(self, backbone: str = "embedded", inception_weights: str | None = None, isc: bool = True,
+                 device: str | None = None):
+        kwargs = fidelity_kwargs(backbone, inception_weights, device)
+        self.backbone, self.cuda = kwargs["feature_extractor"], kwargs["cuda"]
+        cls = FEATURE_EXTRACTORS_REGISTRY[self.backbone]
+        self.fid_layer = cls.get_default_feature_layer_for_metric("fid")
+        self.isc_layer = cls.get_default_feature_layer_for_metric("isc") if isc else None
+        layers = [self.fid_layer] + ([self.isc_layer] if isc else [])
+        self.extractor = create_feature_extractor(self.backbone, layers, **kwargs)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        out = self.extractor.convert_features_tuple_to_dict(self.extractor(images.cuda() if self.cuda else images.cpu()))
+        logits = out[self.isc_layer].cpu() if self.isc_layer else None
+        return out[self.fid_layer].cpu().double(), logits
+
+
+class FeatureStatistics:
+    """Running mean and covariance of features, accumulated batch by batch in float64.
+
+    Memory is O(D²) whatever the number of images (2048² float64 = 32 MB for Inception).
+    Sums are kept around the first batch's mean (a shift that keeps the one-pass formula
+    accurate); ``statistics()`` equals torch-fidelity's ``fid_features_to_statistics`` (np.mean,
+    np.cov with N − 1) on the concatenated features up to float64 rounding.
+    """
+
+    def __init__(self):
+        self.n, self.shift, self.sum, self.outer = 0, None, None, None
+
+    def update(self, feats: torch.Tensor) -> None:
+        x = feats.double().cpu()  # (B, D)
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.sum = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(len(self.shift), len(self.shift), dtype=torch.float64)
+        x = x - self.shift
+        self.n += len(x)
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """{'mu': (D,), 'sigma': (D, D)} float64, torch-fidelity's statistics format."""
+        if self.n < 2:
+            raise ValueError(f"FID statistics need at least 2 images, got {self.n}")
+        mean = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
+        return {"mu": (mean + self.shift).numpy(), "sigma": sigma.numpy()}
+
+
+def save_statistics(stats: dict, path: str | Path) -> Path:
+    """Write {'mu', 'sigma'} as an npz (the format :func:`load_reference_statistics` reads)."""
+    buf = io.BytesIO()
+    np.savez(buf, mu=stats["mu"], sigma=stats["sigma"])
+    return write_atomic(path, buf.getvalue())
+
+
+def load_reference_statistics(path: str | Path, dim: int | None = None) -> tuple[dict, str]:
+    """Precomputed FID reference statistics (``eval.fid_reference``) and their description.
+
+    Parameters
+    ----------
+    path : npz with ``mu`` (D,) and ``sigma`` (D, D) — torch-fidelity's statistics, e.g. the
+        ADM ImageNet-256 reference batch turned into mu/sigma with the same Inception.
+    dim : the feature width D of the backbone in use (checked when given).
+
+    Returns
+    -------
+    (stats float64, "file:<name>:sha256:<first 16 hex>") — the description goes beside gFID.
+
+    Raises
+    ------
+    FileNotFoundError / ValueError naming ``eval.fid_reference`` and the file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.fid_reference: file not found: {path}")
+    blob = path.read_bytes()
+    try:
+        with np.load(io.BytesIO(blob)) as npz:
+            mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"eval.fid_reference: {path} is not an npz with 'mu' and 'sigma' ({e})") from e
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"eval.fid_reference: {path}: mu {mu.shape} and sigma {sigma.shape} must be (D,) and (D, D)")
+    if dim is not None and len(mu) != dim:
+        raise ValueError(f"eval.fid_reference: {path} holds {len(mu)}-d statistics but the FID backbone gives {dim}-d features")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"eval.fid_reference: {path} contains NaN or inf")
+    return {"mu": mu, "sigma": sigma}, f"file:{path.name}:sha256:{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def frechet_distance(stats_1: dict, stats_2: dict) -> float:
+    """FID between two {'mu', 'sigma'} statistics (torch-fidelity's ``fid_statistics_to_metric``)."""
+    as64 = lambda s: {"mu": np.asarray(s["mu"], np.float64), "sigma": np.asarray(s["sigma"], np.float64)}  # noqa: E731
+    return float(fid_statistics_to_metric(as64(stats_1), as64(stats_2), verbose=False)[KEY_METRIC_FID])
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) Inception Score of logits (N, C) (torch-fidelity's ``isc_features_to_metric``)."""
+    out = isc_features_to_metric(logits, splits=min(splits, len(logits)))
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
 class _RandomInception(FeatureExtractorInceptionV3):

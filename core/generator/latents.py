@@ -1,20 +1,43 @@
-"""Tokenizer latents for the generator: encode a split once, normalise per channel.
+"""Tokenizer latents for the generator: encode a split once into on-disk shards, normalise per channel.
 
 The generator learns on z_n = (z − mean_c) / std_c with per-channel statistics of the
 encoded train split (computed once, stored in ``latent_stats.pt``, reused on resume);
 samples are mapped back with :meth:`LatentStats.denormalize` before decoding.
+
+Bounded memory at ImageNet size (1.28M latents; 42 GB as float32 at c·h·w = 8192):
+
+* :func:`cache_latents` encodes the split with ``data.num_workers`` DataLoader workers and
+  appends each batch to the current shard file — ``shard_XXXXX.npy``, numpy's ``.npy``
+  format, **float32** (the encoder's output dtype, stored exactly), up to ``shard_size``
+  latents each, written to a temp file, fsynced and renamed — so memory holds one batch,
+  never the split.  A preempted caching job resumes at the first missing shard.  Labels
+  (int64, from the loader, ``labels.npy``) and per-shard float64 channel sums go with the
+  shards; ``index.json``, written last, means the cache is complete.
+* :class:`LatentShards` memory-maps the shards (``np.load(mmap_mode="r")``): indexing with a
+  batch of indices reads only those rows (pages the kernel can drop again), and
+  :class:`NormalizedLatents` normalises them on access.  Both quack like the ``(N, c, h, w)``
+  tensor that :func:`core.generator.train.train_generator` indexes (``len``, ``shape``,
+  ``x[idx]`` with an index tensor), and return bit-identical values to normalising the whole
+  tensor, so resume stays exact.
 """
 from __future__ import annotations
 
 import io
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from core.io import write_atomic
+from core.io import write_atomic, write_json_atomic
+
+LATENT_DTYPE = np.float32  # on-disk dtype of cached latents (stated in index.json too)
+SHARD_SIZE = 16384  # latents per shard: 512 MB at c·h·w = 8192 float32
+INDEX = "index.json"
 
 
 def save_tensors(obj: dict, path: str | Path) -> Path:
@@ -32,7 +55,9 @@ def encode_dataset(
     device: str | torch.device = "cpu",
     desc: str = "encode latents",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode every item of ``dataset`` (yielding (image (3, H, W) in [-1, 1], label)).
+    """Encode every item of ``dataset`` (yielding (image (3, H, W) in [-1, 1], label)) in memory.
+
+    For small sets (tests); the generator stage uses :func:`cache_latents`.
 
     Returns
     -------
@@ -50,7 +75,7 @@ def encode_dataset(
 
 
 def cached_latents(tokenizer, dataset, path: str | Path, batch_size: int = 64, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`encode_dataset`, stored at ``path`` and loaded from there when present."""
+    """:func:`encode_dataset`, stored at ``path`` and loaded from there when present (small sets)."""
     path = Path(path)
     if path.exists():
         blob = torch.load(path, map_location="cpu")
@@ -60,6 +85,161 @@ def cached_latents(tokenizer, dataset, path: str | Path, batch_size: int = 64, d
     latents, labels = encode_dataset(tokenizer, dataset, batch_size, device)
     save_tensors({"latents": latents, "labels": labels}, path)
     return latents, labels
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> Path:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return write_atomic(path, buf.getvalue())
+
+
+def _write_shard(path: Path, batches, count: int, shape: tuple[int, ...]) -> tuple[list[float], list[float]]:
+    """Stream ``count`` latents from ``batches`` into the .npy file ``path`` (atomic).
+
+    Returns per-channel float64 (sum, sum of squares) of the shard.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    total, total_sq, written = np.zeros(shape[0]), np.zeros(shape[0]), 0
+    with open(tmp, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(LATENT_DTYPE)), "fortran_order": False,
+                  "shape": (count, *shape)}
+        np.lib.format.write_array_header_2_0(f, header)
+        for z in batches:  # (B, c, h, w) float32 on the CPU
+            z = np.ascontiguousarray(z, dtype=LATENT_DTYPE)
+            f.write(z.tobytes())
+            z64 = z.astype(np.float64)
+            total += z64.sum(axis=(0, 2, 3))
+            total_sq += (z64 * z64).sum(axis=(0, 2, 3))
+            written += len(z)
+        f.flush()
+        os.fsync(f.fileno())
+    if written != count:
+        raise RuntimeError(f"{path}: wrote {written} latents, expected {count}")
+    os.replace(tmp, path)
+    return total.tolist(), total_sq.tolist()
+
+
+@torch.no_grad()
+def cache_latents(tokenizer, dataset, directory: str | Path, batch_size: int = 64, device="cpu",
+                  num_workers: int = 0, shard_size: int = SHARD_SIZE) -> "LatentShards":
+    """Encode ``dataset`` into ``directory`` (see the module docstring) and open it.
+
+    Returns the existing cache when ``directory/index.json`` is present (checked against
+    ``len(dataset)``); continues after the last complete shard otherwise.
+    """
+    directory = Path(directory)
+    if (directory / INDEX).exists():
+        shards = LatentShards(directory)
+        if len(shards) != len(dataset):
+            raise ValueError(f"{directory}: holds {len(shards)} latents but the dataset has {len(dataset)} items")
+        return shards
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    x0, _ = dataset[0]
+    was_training = tokenizer.training
+    tokenizer.eval()
+    shape = tuple(tokenizer.encode(x0.unsqueeze(0).to(device)).shape[1:])  # (c, h, w)
+    progress = directory / "progress.json"  # shards done so far and their sums (resume)
+    done = json.loads(progress.read_text()) if progress.exists() else {"shape": list(shape), "shards": []}
+    if tuple(done["shape"]) != shape or done.get("shard_size", shard_size) != shard_size:
+        raise ValueError(f"{progress}: a partial cache of latents {done['shape']} in other shards; delete {directory}")
+    bar = tqdm(total=n, initial=sum(s["count"] for s in done["shards"]), desc="cache latents", leave=False)
+    for start in range(len(done["shards"]) * shard_size, n, shard_size):
+        count = min(shard_size, n - start)
+        loader = DataLoader(Subset(dataset, range(start, start + count)), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers)
+
+        labels = []
+
+        def batches():
+            for x, y in loader:
+                bar.update(len(x))
+                labels.append(np.asarray(y, dtype=np.int64))
+                yield tokenizer.encode(x.to(device)).float().cpu().numpy()
+
+        name = f"shard_{start // shard_size:05d}.npy"
+        total, total_sq = _write_shard(directory / name, batches(), count, shape)
+        _save_npy(directory / f"labels_{start // shard_size:05d}.npy", np.concatenate(labels))
+        done["shards"].append({"file": name, "start": start, "count": count, "sum": total, "sum_sq": total_sq})
+        write_json_atomic(progress, {**done, "shard_size": shard_size})
+    bar.close()
+    tokenizer.train(was_training)
+    _save_npy(directory / "labels.npy", np.concatenate(
+        [np.load(directory / f"labels_{k:05d}.npy") for k in range(len(done["shards"]))]))
+    for k in range(len(done["shards"])):
+        (directory / f"labels_{k:05d}.npy").unlink()
+    write_json_atomic(directory / INDEX, {"num": n, "shape": list(shape), "dtype": np.dtype(LATENT_DTYPE).name,
+                                          "shard_size": shard_size, "labels": "labels.npy", "shards": done["shards"]})
+    progress.unlink()
+    return LatentShards(directory)
+
+
+class LatentShards:
+    """The latents of a :func:`cache_latents` directory, memory-mapped: ``x[idx] -> float32 (B, c, h, w)``.
+
+    ``labels`` is an int64 tensor (N,) in memory (8 bytes a latent).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = json.loads((self.directory / INDEX).read_text())
+        self.index = index
+        self.shape = (index["num"], *index["shape"])
+        self._arrays = [np.load(self.directory / s["file"], mmap_mode="r") for s in index["shards"]]
+        self._starts = np.array([s["start"] for s in index["shards"]], dtype=np.int64)
+        for s, arr in zip(index["shards"], self._arrays):
+            if arr.shape != (s["count"], *index["shape"]) or arr.dtype != np.dtype(index["dtype"]):
+                raise ValueError(f"{self.directory / s['file']}: {arr.dtype} {arr.shape} does not match {INDEX}")
+        self.labels = torch.from_numpy(np.load(self.directory / index["labels"]))
+        if len(self.labels) != index["num"]:
+            raise ValueError(f"{self.directory}: {len(self.labels)} labels for {index['num']} latents")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx, dtype=np.int64)
+        scalar = idx.ndim == 0
+        idx = np.atleast_1d(idx)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"latent index out of range [0, {len(self)})")
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.float32)
+        shard = np.searchsorted(self._starts, idx, side="right") - 1  # (B,) shard of each index
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self._arrays[k][idx[sel] - self._starts[k]]  # reads only these rows
+        z = torch.from_numpy(out)
+        return z[0] if scalar else z
+
+    def chunks(self, size: int = 4096):
+        """Consecutive float32 chunks (≤ size, c, h, w): a streaming pass over all latents."""
+        for start in range(0, len(self), size):
+            yield self[np.arange(start, min(start + size, len(self)))]
+
+    def channel_stats(self, eps: float = 1e-6) -> "LatentStats":
+        """Per-channel mean/std from the float64 sums stored while caching (no pass over the data)."""
+        total = np.sum([s["sum"] for s in self.index["shards"]], axis=0)
+        total_sq = np.sum([s["sum_sq"] for s in self.index["shards"]], axis=0)
+        count = len(self) * int(np.prod(self.shape[2:]))  # N·h·w values per channel
+        mean = total / count
+        var = (total_sq - count * mean * mean) / (count - 1)  # unbiased, as torch.std
+        std = np.sqrt(np.maximum(var, 0.0))
+        return LatentStats(torch.from_numpy(mean).float(), torch.from_numpy(std).clamp_min(eps).float())
+
+
+class NormalizedLatents:
+    """``stats.normalize`` applied on access to an indexable latent set (e.g. :class:`LatentShards`)."""
+
+    def __init__(self, latents, stats: "LatentStats"):
+        self.latents, self.stats = latents, stats
+        self.shape = tuple(latents.shape)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        z = self.latents[idx]
+        return self.stats.normalize(z.unsqueeze(0))[0] if z.dim() == len(self.shape) - 1 else self.stats.normalize(z)
 
 
 @dataclass
@@ -97,14 +277,17 @@ class LatentStats:
         return cls(blob["mean"], blob["std"])
 
 
-def load_or_compute_stats(path: str | Path, latents: torch.Tensor) -> LatentStats:
-    """The stats stored at ``path``; computed from ``latents`` and stored there the first time."""
+def load_or_compute_stats(path: str | Path, latents) -> LatentStats:
+    """The stats stored at ``path``; computed from ``latents`` and stored there the first time.
+
+    ``latents``: a tensor (N, c, h, w), or a :class:`LatentShards` (stats from its stored sums).
+    """
     path = Path(path)
     if path.exists():
         stats = LatentStats.load(path)
         if len(stats.mean) != latents.shape[1]:
             raise ValueError(f"{path}: stats for {len(stats.mean)} channels, latents have {latents.shape[1]}")
         return stats
-    stats = LatentStats.compute(latents)
+    stats = latents.channel_stats() if isinstance(latents, LatentShards) else LatentStats.compute(latents)
     stats.save(path)
     return stats

@@ -116,3 +116,67 @@ def test_bad_input(tmp_path):
         fidelity_kwargs("vgg")
     with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
         compute_fid_is(imgs, imgs, "inception", inception_weights=str(tmp_path / "nope.pth"))
+
+
+# ----------------------------------------------------------------------------- streaming, reference file
+
+
+def _stream(images, backbone="embedded", isc=True, batch=16, **kw):
+    from core.eval.fid import FeatureStatistics, FidelityFeatures
+
+    feats, stats, logits = FidelityFeatures(backbone, isc=isc, device="cpu", **kw), FeatureStatistics(), []
+    for i in range(0, len(images), batch):  # uneven last batch on purpose
+        f, lg = feats.features(images[i:i + batch])
+        stats.update(f)
+        logits.append(lg)
+    return stats, (torch.cat(logits) if isc else None)
+
+
+@needs_featnet
+def test_streaming_statistics_equal_torch_fidelity_in_memory():
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from core.eval.fid import frechet_distance, inception_score
+
+    fake, real = _images(40, start=40), _images(40)
+    s_fake, logits = _stream(fake, batch=12)
+    s_real, _ = _stream(real, isc=False, batch=7)
+    ours = compute_fid_is(fake, real, "embedded", device="cpu")
+    assert frechet_distance(s_fake.statistics(), s_real.statistics()) == pytest.approx(ours["fid"], rel=1e-5)
+    assert inception_score(logits, 10)[0] == pytest.approx(ours["inception_score"], rel=1e-5)
+    # The running sums equal numpy's mean/cov of all the features at once.
+    from core.eval.fid import FidelityFeatures
+
+    all_feats, _ = FidelityFeatures("embedded", isc=False, device="cpu").features(real)
+    ref = fid_features_to_statistics(all_feats.float())
+    got = s_real.statistics()
+    assert got["mu"] == pytest.approx(ref["mu"], abs=1e-5)
+    assert got["sigma"] == pytest.approx(ref["sigma"], abs=1e-5)
+
+
+@needs_featnet
+def test_reference_statistics_file(tmp_path):
+    from core.eval.fid import frechet_distance, load_reference_statistics, save_statistics
+
+    real, fake = _images(48), _images(48, start=48)
+    s_real, _ = _stream(real, isc=False)
+    path = save_statistics(s_real.statistics(), tmp_path / "ref.npz")
+    stats, desc = load_reference_statistics(path, dim=128)
+    assert desc.startswith("file:ref.npz:sha256:") and len(desc.split(":")[-1]) == 16
+    s_fake, _ = _stream(fake, isc=False)
+    direct = compute_fid_is(fake, real, "embedded", isc=False, device="cpu")["fid"]
+    assert frechet_distance(s_fake.statistics(), stats) == pytest.approx(direct, rel=1e-5)
+
+    # Hostile files: named in the error with the config key.
+    with pytest.raises(FileNotFoundError, match="eval.fid_reference"):
+        load_reference_statistics(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="eval.fid_reference.*junk.npz"):
+        load_reference_statistics(tmp_path / "junk.npz")
+    import numpy as np
+
+    np.savez(tmp_path / "nosigma.npz", mu=np.zeros(128))
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        load_reference_statistics(tmp_path / "nosigma.npz")
+    with pytest.raises(ValueError, match="2048-d"):
+        load_reference_statistics(path, dim=2048)

@@ -146,8 +146,14 @@ def test_generate_end_to_end_on_a_tiny_tokenizer(tmp_path, capsys):
         assert rows[("gfid", step)]["num_samples"] == 64
     assert rows[("generator_train_time_s", 12)]["value"] > 0
     assert result["info"]["num_classes"] == 10 and result["info"]["latent_shape"] == [16, 4, 4]
-    for name in ("config.yaml", "log.jsonl", "samples.png", "latent_stats.pt", "latents_train.pt"):
+    for name in ("config.yaml", "log.jsonl", "samples.png", "latent_stats.pt", "latents_train/index.json"):
         assert (out / name).is_file(), name
+    info = result["info"]
+    assert info["latent_cache"] == {"dtype": "float32", "shards": 1} and info["num_train_latents"] == 128
+    # 64 samples over 10 classes: labels i mod 10, 6 or 7 per class; reference = balanced val subset
+    assert info["sample_labels"]["per_class_min"] == 6 and info["sample_labels"]["per_class_max"] == 7
+    assert info["gfid_reference"] == "balanced-val-subset:64:seed=0" and info["num_real"] == 64
+    assert info["real_subset"]["classes_covered"] == 10
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["eval"]["step"] for r in log if "eval" in r] == [6, 6, 12, 12]
 
@@ -160,3 +166,45 @@ def test_generate_end_to_end_on_a_tiny_tokenizer(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="tokenizer was trained with"):
         generate(load_config(overrides={"model.latent_channels": 8}), tmp_path / "tok", tmp_path / "other")
+
+
+def test_gfid_against_a_reference_statistics_file(tmp_path, tiny_config):
+    """eval.fid_reference replaces the real val subset; the file and its hash are recorded."""
+    import numpy as np
+
+    from core.data import build_dataset
+    from core.eval.fid import FidelityFeatures, save_statistics
+    from core.generate import generate, real_statistics
+    from core.train import train
+
+    over = {"train.steps": 2, "generator.steps": 2, "generator.batch_size": 8, "generator.num_samples": 20,
+            "generator.sample_steps": 2, "eval.batch_size": 8, "data.val_size": 30}
+    cfg = tiny_config(**over)
+    train(cfg, tmp_path / "tok")
+    plain = generate(cfg, tmp_path / "tok", tmp_path / "plain")
+    assert plain["info"]["gfid_reference"] == "balanced-val-subset:20:seed=0"
+
+    # The same statistics as a file give the same gFID (same samples, same reference) ...
+    features = FidelityFeatures("embedded", isc=False, device="cpu")
+    val = build_dataset(cfg.data, "val")
+    same, _ = real_statistics(val, 20, 0, features, batch_size=8)
+    save_statistics(same, tmp_path / "same.npz")
+    with_file = generate(tiny_config(**over, **{"eval.fid_reference": str(tmp_path / "same.npz")}),
+                         tmp_path / "tok", tmp_path / "file")
+    gfid = lambda r: [m["value"] for m in r["metrics"] if m["name"] == "gfid"][0]  # noqa: E731
+    assert gfid(with_file) == pytest.approx(gfid(plain), rel=1e-6)
+    ref = with_file["info"]["gfid_reference"]
+    assert ref.startswith("file:same.npz:sha256:") and with_file["info"]["num_real"] is None
+    # ... and other statistics (train images) give another number: the file is what is used.
+    other, _ = real_statistics(build_dataset(cfg.data, "train"), 60, 0, features, batch_size=8)
+    save_statistics(other, tmp_path / "other.npz")
+    with_other = generate(tiny_config(**over, **{"eval.fid_reference": str(tmp_path / "other.npz")}),
+                          tmp_path / "tok", tmp_path / "other")
+    assert gfid(with_other) != pytest.approx(gfid(plain), rel=1e-3)
+
+    # A file of the wrong width fails before any generator training.
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="eval.fid_reference.*2048-d"):
+        generate(tiny_config(**over, **{"eval.fid_reference": str(tmp_path / "wide.npz")}), tmp_path / "tok",
+                 tmp_path / "wide")
+    assert not (tmp_path / "wide" / "checkpoints").exists() and not (tmp_path / "wide" / "latents_train").exists()
