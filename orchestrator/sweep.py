@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.config import ConfigError, RunConfig, config_hash, load_config
+from orchestrator.sweep_checks import (YAMLBombError, control_char_errors, grid_size, load_yaml_bounded,
+                                       stage_input_errors)
 
 EXECUTORS = ("slurm", "local", "debug")
+_OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # an sbatch long option name
+_HASH_RE = re.compile(r"^[0-9a-f]{16}$")
 # check_geometry names its parameters bare; the dotted key is what the user edits.
 _GEOMETRY_KEYS = {
     "image_size": "data.image_size",
@@ -60,6 +64,14 @@ class Resources(_Strict):
     qos: str | None = None
     extra: dict[str, str | int | float | bool] = {}  # raw sbatch options, e.g. {constraint: a100}
 
+    @field_validator("extra")
+    @classmethod
+    def _option_names(cls, v: dict) -> dict:
+        bad = [k for k in v if not _OPTION_RE.match(k)]
+        if bad:
+            raise ValueError(f"sbatch option names must match {_OPTION_RE.pattern}, not {bad}")
+        return v
+
     def key(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True)
 
@@ -90,7 +102,17 @@ class SearchSpec(_Strict):
 
 
 class SweepFile(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    """The sweep file's schema.
+
+    ``runs_dir``: where runs are written, ``{runs_dir}/{name}/{run_hash}/``.  A relative path is
+    relative to the folder holding the sweep file (never the current directory), so a sweep
+    lands in the same place from wherever it is submitted; the shipped sweeps say ``../runs``
+    (the repository's ``runs/``).  ``max_runs`` caps the grid (counted before expansion).
+    ``preflight``: ``error`` (default) refuses to submit when a path the runs read (data root,
+    weight files) is missing here; ``warn`` only warns (paths mounted on compute nodes only).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")
     base: dict[str, Any] = {}
     axes: dict[str, list[Any]] = {}
     zip: list[dict[str, list[Any]]] = []
@@ -99,8 +121,17 @@ class SweepFile(_Strict):
     executor: Literal["slurm", "local", "debug"] = "local"
     max_parallel: int = Field(1, ge=1)  # local executor: concurrent subprocesses
     array_parallelism: int = Field(64, ge=1)  # slurm: %N of each array
-    runs_dir: str = "runs"
+    runs_dir: str = Field("runs", min_length=1)  # relative to the sweep file's folder (see the docstring)
+    max_runs: int = Field(10_000, ge=1)
+    preflight: Literal["error", "warn"] = "error"
     search: SearchSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside(cls, v: str) -> str:
+        if v in (".", ".."):  # {runs_dir}/{name} must be a folder inside runs_dir
+            raise ValueError(f"sweep name {v!r} would leave runs_dir; use letters, digits, '_', '-', '.'")
+        return v
 
 
 @dataclass
@@ -129,6 +160,12 @@ class Sweep:
         """``{runs_dir}/{sweep}``; a relative runs_dir is relative to the sweep file's folder."""
         root = Path(self.spec.runs_dir).expanduser()
         return (root if root.is_absolute() else self.path.parent / root).resolve() / self.name
+
+    def run_dir(self, run_hash: str) -> Path:
+        """``{runs_root}/{run_hash}``; refuses anything but a run hash (it could leave runs_root)."""
+        if not _HASH_RE.match(run_hash):
+            raise ValueError(f"{run_hash!r} is not a run hash (16 hex digits)")
+        return self.runs_root / run_hash
 
 
 def run_label(params: dict[str, Any]) -> str:
@@ -267,15 +304,18 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     origin = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        raw = load_yaml_bounded(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, YAMLBombError) as e:
         raise SweepError([f"{origin}: cannot read sweep file: {e}"]) from None
     if not isinstance(raw, dict):
         raise SweepError([f"{origin}: top level must be a mapping"])
+    errors = control_char_errors(raw, origin)
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as e:
-        raise SweepError(_fmt_validation(e, origin)) from None
+        raise SweepError(errors + _fmt_validation(e, origin)) from None
+    if errors:
+        raise SweepError(errors)
     return build_sweep(spec, path)
 
 
@@ -284,7 +324,13 @@ def build_sweep(spec: SweepFile, path: Path) -> Sweep:
     origin = str(path)
     errors: list[str] = []
     order = _topo_order(spec.stages, origin, errors)
+    if not errors:
+        errors += stage_input_errors({k: list(v.needs) for k, v in spec.stages.items()}, origin)
     check_grid(spec, origin, errors)
+    n = grid_size(spec.axes, spec.zip, spec.seeds)
+    if n > spec.max_runs:
+        errors.append(f"{origin}: key 'max_runs': the grid has {n:,} points, more than max_runs={spec.max_runs:,} "
+                      f"(raise max_runs if you mean it)")
     if errors:  # the grid itself is malformed: expanding it would only add noise
         raise SweepError(errors)
     runs: dict[str, RunSpec] = {}
