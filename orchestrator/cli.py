@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"orchestrate {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from orchestrator.db.store import SchemaError  # lazy: `--version`/`--help` need no database code
+
+        if not isinstance(e, SchemaError):
+            raise
+        print(f"orchestrate {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

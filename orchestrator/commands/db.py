@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{store.url}: at revision {store.current_revision()} (head {store.head_revision()})")
         elif args.action == "current":
             current, head = store.current_revision(), store.head_revision()
+            store.check_not_newer(current)
             print(f"{store.url}: revision {current or '<none>'} (head {head})"
                   + ("" if current == head else " - run `orchestrate db upgrade`"))
         else:

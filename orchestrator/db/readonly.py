@@ -226,11 +226,16 @@ def _sqlite_connect(path: Path, timeout_s: float) -> sqlite3.Connection:
     if not path.is_file():
         raise FileNotFoundError(f"database file {path} does not exist")
     conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=min(timeout_s, 30))
-    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQLITE_MAX_LENGTH)
-    conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
-    conn.execute("PRAGMA query_only=ON")
-    conn.execute("PRAGMA temp_store=MEMORY")  # temp b-trees count against the heap limit, not the disk
-    conn.execute(f"PRAGMA cache_size=-{16 * 1024}")  # 16 MiB page cache
+    try:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQLITE_MAX_LENGTH)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("PRAGMA temp_store=MEMORY")  # temp b-trees count against the heap limit, not the disk
+        conn.execute(f"PRAGMA cache_size=-{16 * 1024}")  # 16 MiB page cache
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()  # reads the header: is it a database?
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise ValueError(f"{path} is not a results database ({e}); check --db / $ORCHESTRATE_DB") from None
     deadline = time.monotonic() + timeout_s
     conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 20_000)
     return conn

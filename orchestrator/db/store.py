@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 from sqlalchemy import create_engine, delete, event, inspect, select, text, update
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, defer, selectinload, sessionmaker
 
 from orchestrator.db import fastjson
@@ -50,7 +51,8 @@ JSON_CODEC = {"json_serializer": fastjson.dumps, "json_deserializer": fastjson.l
 
 
 class SchemaError(RuntimeError):
-    """The database is missing or at an older schema revision than this code."""
+    """The database is missing, not a results database, or at another schema revision than
+    this code (the CLI reports it with exit code 2)."""
 
 
 def _fs_type(directory: Path, mounts_file: Path = Path("/proc/mounts")) -> str:
@@ -81,6 +83,17 @@ def sqlite_path(url: str) -> Path | None:
     if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
         return None
     return Path(u.database)
+
+
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    """Every revision of the migration scripts (a database at any other one is newer than this code)."""
+    revs = set()
+    for script in (MIGRATIONS / "versions").glob("*.py"):
+        rev = re.search(r'^revision\s*=\s*["\']([^"\']+)', script.read_text(), re.M)
+        if rev:
+            revs.add(rev.group(1))
+    return frozenset(revs)
 
 
 @functools.cache
@@ -215,16 +228,32 @@ class Store:
         return head_revision()
 
     def current_revision(self) -> str | None:
-        """The alembic revision stamped in the database (None: no schema yet)."""
-        with self.engine.connect() as conn:
-            if not inspect(conn).has_table(VERSION_TABLE):
-                return None
-            return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+        """The alembic revision stamped in the database (None: no schema yet).
+
+        Raises :class:`SchemaError` for a SQLite file that is not a database."""
+        try:
+            with self.engine.connect() as conn:
+                if not inspect(conn).has_table(VERSION_TABLE):
+                    return None
+                return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+        except DatabaseError as e:
+            if self.dialect == "sqlite" and isinstance(e.orig, sqlite3.DatabaseError) and not isinstance(
+                    e.orig, sqlite3.OperationalError):
+                raise SchemaError(f"{sqlite_path(self.url)} is not a results database ({e.orig}); "
+                                  f"check --db / $ORCHESTRATE_DB") from None
+            raise
+
+    def check_not_newer(self, current: str | None) -> None:
+        if current is not None and current not in known_revisions():
+            raise SchemaError(f"database {self.url} is at schema revision {current}, newer than this code "
+                              f"(head {self.head_revision()}): update the code (git pull / pip install) "
+                              f"rather than the database")
 
     def upgrade(self, revision: str = "head") -> None:
-        """Create the schema or migrate it to ``revision`` (alembic)."""
+        """Create the schema or migrate it to ``revision`` (alembic); refuses a newer database."""
         from alembic import command
 
+        self.check_not_newer(self.current_revision())
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":  # two orchestrators upgrading at once: one waits
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(724500103)")
@@ -244,6 +273,7 @@ class Store:
         if self._schema_ok:
             return
         current, head = self.current_revision(), self.head_revision()
+        self.check_not_newer(current)
         if current != head:
             what = "has no results schema" if current is None else f"is at schema revision {current}"
             raise SchemaError(f"database {self.url} {what}, this code needs {head}: "
