@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from core.config import ConfigError
 from orchestrator.db.models import Metric, Run
-from orchestrator.db.store import Store
+from orchestrator.db.store import Store, with_driver
 from orchestrator.sweep import RunSpec, Sweep, resolve_run
 
 
@@ -26,8 +26,9 @@ def make_study(store: Store, sweep: Sweep):
 
     spec = sweep.spec.search
     # Optuna's tables and its own alembic_version live beside ours (we version ours in
-    # models.VERSION_TABLE), so either may be created first.
-    storage = optuna.storages.RDBStorage(store.url)
+    # models.VERSION_TABLE), so either may be created first.  Optuna builds its own engine:
+    # hand it the URL with the installed driver (postgresql:// alone means psycopg 3 today).
+    storage = optuna.storages.RDBStorage(with_driver(store.url))
     sampler = (optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.n_trials // 3)))
                if spec.sampler == "tpe" else optuna.samplers.RandomSampler(seed=spec.seed))
     return optuna.create_study(study_name=sweep.name, storage=storage, direction=spec.direction,

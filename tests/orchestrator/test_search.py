@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import optuna
+import pytest
 import yaml
 
 from orchestrator.cli import main
@@ -70,3 +71,11 @@ def test_optuna_and_our_schema_share_a_database_in_either_order(tmp_path):
         optuna.create_study(study_name="s", storage=optuna.storages.RDBStorage(url), load_if_exists=True)
         assert store.current_revision() == store.head_revision()
         store.check_schema()
+
+
+@pytest.mark.postgres
+def test_search_runs_on_the_real_postgresql(tmp_path, pg_url, capsys):
+    assert main(["submit", str(write_search(tmp_path, n_trials=4, executor="debug")), "--db", pg_url, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_trials"] == 4 and summary["best_value"] is not None
+    assert {r.status for r in Store(pg_url).runs(sweep="srch")} == {"finished"}
