@@ -1,0 +1,158 @@
+"""Cost of a sweep: the closed-form FLOPs agree with the FLOP counter; --dry-run prints the
+estimate beside the Slurm request; measured hours come from real Slurm accounting."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from core.config import load_config
+from core.eval.flops import count_flops
+from core.eval.flops import tokenizer_flops as counted_tokenizer_flops
+from orchestrator import cost
+from orchestrator.cli import main
+from orchestrator.db.store import Store
+from orchestrator.plan import build_plan
+from orchestrator.query import runs_table
+from orchestrator.sweep import load_sweep
+from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture)
+
+GEOMETRIES = [  # patch, split depth, compression, encoder, decoder, class token, latent side
+    (4, None, "conv", "micro", "micro", False, 4),
+    (4, 2, "conv", "micro", "mini", False, 4),
+    (8, 2, "shuffle_mlp", "micro", "micro", True, 2),
+    (4, 0, "conv", "micro", "mini", True, 8),
+    (2, 3, "shuffle_mlp", "mini", "mini", False, 4),
+]
+
+
+@pytest.mark.parametrize("patch,k,comp,enc,dec,cls,lat", GEOMETRIES)
+def test_closed_form_tokenizer_flops_equal_the_counter(patch, k, comp, enc, dec, cls, lat):
+    from core.models.tokenizer import build_tokenizer, tokenizer_args
+
+    cfg = load_config(None, {"data.image_size": 32, "model.patch_size": patch, "model.split_depth": k,
+                             "model.compression": comp, "model.encoder_size": enc, "model.decoder_size": dec,
+                             "model.class_token": cls, "model.latent_size": lat})
+    with torch.device("meta"):  # shapes only: counting needs no weights
+        model = build_tokenizer(tokenizer_args(cfg.model, 32))
+    assert cost.tokenizer_flops(cfg) == counted_tokenizer_flops(model, 32)
+
+
+def test_closed_form_paper_scale_s16_and_dit_equal_the_counter():
+    from core.models.dit import DiT
+    from core.models.tokenizer import build_tokenizer, tokenizer_args
+
+    cfg = load_config("configs/s16_joint.yaml", {"generator.size": "B"})
+    with torch.device("meta"):
+        model = build_tokenizer(tokenizer_args(cfg.model, 256))
+        dit = DiT("B", cfg.model.latent_channels, cfg.model.latent_size, num_classes=1000)
+    assert cost.tokenizer_flops(cfg) == counted_tokenizer_flops(model, 256)
+    c, h = cfg.model.latent_channels, cfg.model.latent_size
+    x = torch.zeros(1, c, h, h, device="meta")
+    n = count_flops(dit, x, torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+    assert cost.dit_flops(cfg) == n
+
+
+def test_vgg16_closed_form_equals_the_counter():
+    import torchvision
+
+    with torch.device("meta"):
+        vgg = torchvision.models.vgg16().features[:30]  # through conv5_3 + ReLU: the LPIPS taps
+    assert cost.vgg16_flops(224) == count_flops(vgg, torch.zeros(1, 3, 224, 224, device="meta"))
+
+
+def test_dry_run_prints_estimate_beside_the_slurm_request(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    capsys.readouterr()
+    assert main(["submit", "sweeps/token_scaling.yaml", "--dry-run", "--db", url]) == 0
+    out = capsys.readouterr().out
+    assert "cost estimate" in out and "989 TFLOP/s" in out and "0.35 MFU" in out
+    assert "sweep total:" in out and "GPU-h" in out
+    assert "runs one process: 7 of 8 GPUs idle" in out  # the generator stage
+    assert not (tmp_path / "never.db").exists()
+
+    assert main(["submit", "sweeps/token_scaling.yaml", "--dry-run", "--json", "--db", url]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["cost"]}
+    assert set(rows) == {"tokenizer", "evaluate", "generator"} and rows["tokenizer"]["runs"] == 120
+    # the tokenizer row = sum over runs of 3 x fwd FLOPs x steps x global batch (+ SSL), at 0.35 x 989 TFLOP/s
+    sweep = load_sweep("sweeps/token_scaling.yaml")
+    total = sum(cost.stage_flops("tokenizer", r.config, world=8) for r in sweep.runs)
+    assert rows["tokenizer"]["pflops"] == pytest.approx(total / 1e15)
+    assert rows["tokenizer"]["estimated_hours"] == pytest.approx(total / (8 * 989e12 * 0.35) / 3600 * 8)
+    assert rows["tokenizer"]["requested_hours"] == pytest.approx(120 * 8 * 2880 / 60)
+    vanilla = next(r for r in sweep.runs if r.params == {"model.patch_size": 16, "model.decoder_size": "S",
+                                                         "model.split_depth": 12, "ssl.method": "none"})
+    fwd = cost.tokenizer_flops(vanilla.config)["total"]
+    assert cost.stage_flops("tokenizer", vanilla.config, world=8) == 3 * fwd * 125150 * 64 * 8
+
+
+def test_estimate_of_1000_runs_is_fast(tmp_path):
+    doc = {"name": "big", "base": {"data": {"image_size": 32}},
+           "axes": {"train.seed": list(range(500)), "model.patch_size": [8, 4]},
+           "stages": {"tokenizer": {"resources": {"gpus": 1}}, "evaluate": {"needs": ["tokenizer"]}},
+           "executor": "slurm", "runs_dir": str(tmp_path)}
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(doc))
+    sweep = load_sweep(tmp_path / "big.yaml")
+    plan = build_plan(sweep, {r.run_hash: ["tokenizer", "evaluate"] for r in sweep.runs}, sweep.runs, 10**6)
+    t0 = time.perf_counter()
+    costs = cost.estimate(plan, sweep.spec)
+    text = cost.describe(costs, sweep.spec)
+    assert time.perf_counter() - t0 < 0.5
+    assert [c.runs for c in costs] == [1000, 1000] and "core-h" in text  # evaluate: a CPU stage
+
+
+def test_parse_tres():
+    assert cost.parse_tres("billing=8,cpu=64,gres/gpu=8,gres/gpu:h100=8,mem=480G,node=1") == {
+        "billing": 8, "cpu": 64, "gpu": 8, "mem": 480, "node": 1}
+    assert cost.parse_tres("cpu=2,mem=1G,node=1").get("gpu") is None
+    assert cost.parse_tres("") == {}
+
+
+def _selftest_sweep(tmp_path, executor, partition=None):
+    res = {"cpus": 1, "mem_gb": 0.25, "time_min": 10, **({"partition": partition} if partition else {})}
+    doc = {"name": "cost", "base": {"data": {"image_size": 32}, "train": {"steps": 4, "ckpt_every": 2}},
+           "axes": {"model.patch_size": [8, 4]},
+           "stages": {"selftest": {"params": {"step_s": 0.5}, "resources": res}},
+           "executor": executor, "runs_dir": str(tmp_path / "runs")}
+    path = tmp_path / "cost.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.slurm
+def test_actual_hours_from_real_slurm_accounting(slurm_cluster, tmp_path):  # noqa: F811
+    path = _selftest_sweep(tmp_path, "slurm", slurm_cluster)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    assert main(["submit", str(path), "--db", url, "--wait"]) == 0
+    store = Store(url)
+    # submit --wait records them when the stages end (sacct may lag: then the next refresh does)
+    cost.record_actual(store, "cost")
+    assert cost.record_actual(store, "cost") == 0  # recorded once
+    table = runs_table(store, sweep="cost")
+    assert set(table["selftest_cpu_hours_backbone"]) == {"sacct"}
+    jobs = {r.run_hash: r.stages[0].slurm_job_id for r in store.runs(sweep="cost")}
+    # independent reading of the accounting: elapsed seconds x allocated CPUs
+    for h, job in jobs.items():
+        line = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,ElapsedRaw,AllocCPUS", "-j", job.split("_")[0]],
+                              capture_output=True, text=True, check=True).stdout
+        fields = next(x.split("|") for x in line.splitlines() if x.split("|")[0] == job)
+        value = table.set_index("run_hash").loc[h, "selftest_cpu_hours"]
+        assert value == pytest.approx(int(fields[1]) * int(fields[2]) / 3600)
+        assert int(fields[1]) >= 2  # 4 steps x 0.5 s
+    store.dispose()
+
+
+def test_actual_hours_of_local_stages_from_wall_time(tmp_path):
+    path = _selftest_sweep(tmp_path, "debug")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    assert main(["submit", str(path), "--db", url]) == 0  # blocks: records the hours at the end
+    store = Store(url)
+    assert cost.record_actual(store, "cost") == 0
+    table = runs_table(store, sweep="cost")
+    assert set(table["selftest_cpu_hours_backbone"]) == {"wallclock"}
+    assert (table["selftest_cpu_hours"] * 3600 >= 2 * 0.9).all()  # >= 4 steps x 0.5 s, 1 cpu
+    store.dispose()
