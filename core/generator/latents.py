@@ -10,9 +10,9 @@ Bounded memory at ImageNet size (1.28M latents; 42 GB as float32 at c·h·w = 81
   appends each batch to the current shard file — ``shard_XXXXX.npy``, numpy's ``.npy``
   format, **float32** (the encoder's output dtype, stored exactly), up to ``shard_size``
   latents each, written to a temp file, fsynced and renamed — so memory holds one batch,
-  never the split.  A preempted caching job resumes at the first missing shard.  Labels
-  (int64, from the loader, ``labels.npy``) and per-shard float64 channel sums go with the
-  shards; ``index.json``, written last, means the cache is complete.
+  never the split.  Each shard gets a sidecar (count, labels file, float64 channel sums)
+  written after it, so a preempted caching job resumes at the missing shards; data-parallel
+  ranks encode disjoint shards.  ``index.json``, written last by rank 0, means complete.
 * :class:`LatentShards` memory-maps the shards (``np.load(mmap_mode="r")``): indexing with a
   batch of indices reads only those rows (pages the kernel can drop again), and
   :class:`NormalizedLatents` normalises them on access.  Both quack like the ``(N, c, h, w)``
@@ -119,13 +119,24 @@ def _write_shard(path: Path, batches, count: int, shape: tuple[int, ...]) -> tup
     return total.tolist(), total_sq.tolist()
 
 
+def _barrier() -> None:
+    # Ranks of a data-parallel stage meet here; a single process has nothing to wait for.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 @torch.no_grad()
 def cache_latents(tokenizer, dataset, directory: str | Path, batch_size: int = 64, device="cpu",
-                  num_workers: int = 0, shard_size: int = SHARD_SIZE) -> "LatentShards":
+                  num_workers: int = 0, shard_size: int = SHARD_SIZE, rank: int = 0,
+                  world_size: int = 1) -> "LatentShards":
     """Encode ``dataset`` into ``directory`` (see the module docstring) and open it.
 
     Returns the existing cache when ``directory/index.json`` is present (checked against
-    ``len(dataset)``); continues after the last complete shard otherwise.
+    ``len(dataset)``).  Otherwise shard k is written unless its sidecar ``shard_k.json``
+    (count, channel sums; written last) exists — a killed job resumes at the missing shards.
+    Data parallel: rank r of ``world_size`` encodes shards r, r + W, ...; all ranks meet at a
+    ``torch.distributed`` barrier (when a process group exists), rank 0 writes ``index.json``,
+    and every rank returns the opened cache.
     """
     directory = Path(directory)
     if (directory / INDEX).exists():
@@ -139,16 +150,13 @@ def cache_latents(tokenizer, dataset, directory: str | Path, batch_size: int = 6
     was_training = tokenizer.training
     tokenizer.eval()
     shape = tuple(tokenizer.encode(x0.unsqueeze(0).to(device)).shape[1:])  # (c, h, w)
-    progress = directory / "progress.json"  # shards done so far and their sums (resume)
-    done = json.loads(progress.read_text()) if progress.exists() else {"shape": list(shape), "shards": []}
-    if tuple(done["shape"]) != shape or done.get("shard_size", shard_size) != shard_size:
-        raise ValueError(f"{progress}: a partial cache of latents {done['shape']} in other shards; delete {directory}")
-    bar = tqdm(total=n, initial=sum(s["count"] for s in done["shards"]), desc="cache latents", leave=False)
-    for start in range(len(done["shards"]) * shard_size, n, shard_size):
-        count = min(shard_size, n - start)
+    num_shards = -(-n // shard_size)
+    mine = [k for k in range(rank, num_shards, world_size) if not (directory / f"shard_{k:05d}.json").exists()]
+    bar = tqdm(total=sum(min(shard_size, n - k * shard_size) for k in mine), desc="cache latents", leave=False)
+    for k in mine:
+        start, count = k * shard_size, min(shard_size, n - k * shard_size)
         loader = DataLoader(Subset(dataset, range(start, start + count)), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers)
-
         labels = []
 
         def batches():
@@ -157,20 +165,27 @@ def cache_latents(tokenizer, dataset, directory: str | Path, batch_size: int = 6
                 labels.append(np.asarray(y, dtype=np.int64))
                 yield tokenizer.encode(x.to(device)).float().cpu().numpy()
 
-        name = f"shard_{start // shard_size:05d}.npy"
-        total, total_sq = _write_shard(directory / name, batches(), count, shape)
-        _save_npy(directory / f"labels_{start // shard_size:05d}.npy", np.concatenate(labels))
-        done["shards"].append({"file": name, "start": start, "count": count, "sum": total, "sum_sq": total_sq})
-        write_json_atomic(progress, {**done, "shard_size": shard_size})
+        total, total_sq = _write_shard(directory / f"shard_{k:05d}.npy", batches(), count, shape)
+        _save_npy(directory / f"labels_{k:05d}.npy", np.concatenate(labels))
+        write_json_atomic(directory / f"shard_{k:05d}.json", {
+            "file": f"shard_{k:05d}.npy", "labels": f"labels_{k:05d}.npy", "start": start, "count": count,
+            "shape": list(shape), "sum": total, "sum_sq": total_sq})
     bar.close()
     tokenizer.train(was_training)
-    _save_npy(directory / "labels.npy", np.concatenate(
-        [np.load(directory / f"labels_{k:05d}.npy") for k in range(len(done["shards"]))]))
-    for k in range(len(done["shards"])):
-        (directory / f"labels_{k:05d}.npy").unlink()
-    write_json_atomic(directory / INDEX, {"num": n, "shape": list(shape), "dtype": np.dtype(LATENT_DTYPE).name,
-                                          "shard_size": shard_size, "labels": "labels.npy", "shards": done["shards"]})
-    progress.unlink()
+    _barrier()
+    if rank == 0:
+        missing = [k for k in range(num_shards) if not (directory / f"shard_{k:05d}.json").exists()]
+        if missing:
+            raise RuntimeError(f"{directory}: shards {missing[:5]}... of {num_shards} are not written; "
+                               f"run every rank of the {world_size}")
+        side = [json.loads((directory / f"shard_{k:05d}.json").read_text()) for k in range(num_shards)]
+        bad = [s["file"] for k, s in enumerate(side) if tuple(s["shape"]) != shape or s["start"] != k * shard_size]
+        if bad:
+            raise ValueError(f"{directory}: {bad[0]} holds latents of another shape or shard size; delete {directory}")
+        _save_npy(directory / "labels.npy", np.concatenate([np.load(directory / s["labels"]) for s in side]))
+        write_json_atomic(directory / INDEX, {"num": n, "shape": list(shape), "dtype": np.dtype(LATENT_DTYPE).name,
+                                              "shard_size": shard_size, "labels": "labels.npy", "shards": side})
+    _barrier()
     return LatentShards(directory)
 
 

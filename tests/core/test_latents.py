@@ -89,3 +89,28 @@ def test_generator_reads_shards_bit_identically_to_in_memory(tmp_path):
         assert torch.equal(x, y), name
     view = NormalizedLatents(shards, stats)
     assert view.shape == (32, 4, 2, 2) and torch.equal(view[torch.tensor([3, 31])], full[[3, 31]])
+
+
+
+def _rank_main(rank, world_size, init_file, directory):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        shards = cache_latents(_tokenizer(), _data(), directory, batch_size=5, shard_size=7, rank=rank,
+                               world_size=world_size)
+        assert len(shards) == 23
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_write_disjoint_shards_equal_to_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    tok, data = _tokenizer(), _data()
+    with pytest.raises(RuntimeError, match="not written; run every rank"):  # a rank alone, no process group
+        cache_latents(tok, data, tmp_path / "alone", batch_size=5, shard_size=7, rank=0, world_size=2)
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp")), nprocs=2, join=True)
+    ddp = LatentShards(tmp_path / "ddp")
+    single = cache_latents(tok, data, tmp_path / "single", batch_size=5, shard_size=7)
+    assert torch.equal(ddp[np.arange(23)], single[np.arange(23)]) and torch.equal(ddp.labels, single.labels)
