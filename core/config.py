@@ -40,6 +40,7 @@ class DataConfig(Section):
     seed: int = 0  # dataset seed, independent of the training seed
     batch_size: int = 32  # per process
     num_workers: int = 0
+    hflip: bool = False  # random horizontal flip of training images (ADM/DiT/RAE ImageNet recipe)
 
 
 class ModelConfig(Section):
@@ -94,8 +95,16 @@ class FinetuneConfig(Section):
     disc_lr: float = 2e-4
     diffaug: bool = True
     disc_image_size: int = 224  # D input side (DINO: 224); smaller for CPU runs with the substitute
-    # Phase-2 recipe used by the orchestrator's `finetune` stage (paper Table 7), see finetune_phase().
-    steps: int | None = None  # None = train.steps
+    # Phase-2 recipe (paper Table 7 / App. A) used by finetune_phase() (the orchestrator's `finetune`
+    # stage).  In the paper's units: epochs, converted to steps at run time from the number of
+    # training images and the global batch (core.finetune.resolve_epochs).  Set `epochs: null` to
+    # give steps instead (steps / warmup_steps / disc_start_step / adv_start_step).
+    epochs: float | None = 16
+    warmup_epochs: float = 1
+    disc_start_epoch: float = 6
+    adv_start_epoch: float = 8
+    batch_size: int | None = 256  # global batch of the epoch recipe (split over ranks); None = data.batch_size x ranks
+    steps: int | None = None  # step recipe (epochs: null): None = train.steps
     lr: float = 2e-4
     min_lr: float = 2e-5
     warmup_steps: int = 0
@@ -120,6 +129,7 @@ class TrainConfig(Section):
     ckpt_every: int = 50
     keep_last: int = 3
     log_every: int = 10
+    compile: bool | None = None  # torch.compile the transformer blocks; None = on for CUDA, off on CPU
 
 
 class EvalConfig(Section):
@@ -193,8 +203,10 @@ def finetune_phase(cfg: RunConfig, init_from: str | Path) -> RunConfig:
     ``init_from`` (paper App. A, Table 7): encoder frozen, λ_ssl = 0, λ_adv =
     ``finetune.adversarial``, its own lr schedule, no weight decay."""
     ft = cfg.finetune
+    # An explicit finetune.steps selects the step recipe; otherwise the epochs are converted at run time.
+    epochs = None if ft.steps is not None else ft.epochs
     return cfg.model_copy(update={
-        "finetune": ft.model_copy(update={"enabled": True, "init_from": str(init_from)}),
+        "finetune": ft.model_copy(update={"enabled": True, "init_from": str(init_from), "epochs": epochs}),
         "loss": cfg.loss.model_copy(update={"ssl": 0.0, "adversarial": ft.adversarial}),
         "optim": cfg.optim.model_copy(update={"lr": ft.lr, "min_lr": ft.min_lr, "warmup_steps": ft.warmup_steps,
                                               "weight_decay": 0.0}),

@@ -125,6 +125,8 @@ def _result(cfg: RunConfig, run_dir: Path, trainer: Trainer, backbone: str | Non
             # e.g. the fine-tuning discriminator's backbone: what shaped the weights.
             "objective_backbones": {type(o).__name__: o.backbone_name for o in trainer.objectives
                                     if hasattr(o, "backbone_name")},
+            "finetune_schedule": trainer.schedule or None,  # epochs -> steps of the fine-tuning recipe
+            "batch_size_per_rank": trainer.cfg.data.batch_size, "compiled_blocks": trainer.compiled_blocks,
         },
     }
 
@@ -132,8 +134,18 @@ def _result(cfg: RunConfig, run_dir: Path, trainer: Trainer, backbone: str | Non
 def build_trainer(cfg: RunConfig, run_dir: str | Path, info: D.DistInfo) -> tuple[Trainer, str | None, int]:
     """Model, objectives, dataset and :class:`Trainer` of a run (not yet resumed).
 
+    A fine-tuning run's epoch recipe is resolved to steps here; ``trainer.cfg`` is the
+    resolved config and ``trainer.schedule`` the conversion (empty when none).
+
     Returns ``(trainer, perceptual backbone name or None, effective seed of this rank)``.
     """
+    dataset = build_dataset(cfg.data, "train")
+    schedule = {}
+    if cfg.finetune.enabled:
+        from core.finetune import resolve_epochs
+
+        # the paper's fine-tuning recipe is in epochs: steps follow from the dataset and global batch
+        cfg, schedule = resolve_epochs(cfg, len(dataset), info.world_size)
     seed_everything(cfg.train.seed, 0)  # identical construction on every rank
     model = build_tokenizer(tokenizer_args(cfg.model, cfg.data.image_size))
     if cfg.finetune.enabled:
@@ -142,7 +154,8 @@ def build_trainer(cfg: RunConfig, run_dir: str | Path, info: D.DistInfo) -> tupl
     objectives = build_objectives(cfg, model, info.device, info)
     backbone = next(o for o in objectives if isinstance(o, ReconstructionObjective)).backbone
     seed = seed_everything(cfg.train.seed, info.rank)
-    trainer = Trainer(cfg, run_dir, model, objectives, build_dataset(cfg.data, "train"), info)
+    trainer = Trainer(cfg, run_dir, model, objectives, dataset, info)
+    trainer.schedule = schedule
     return trainer, backbone, seed
 
 
@@ -173,11 +186,14 @@ def train(cfg: RunConfig, run_dir: str | Path, stop_at_step: int | None = None) 
         trainer, backbone, seed = build_trainer(cfg, run_dir, info)
         resumed = trainer.resume()
         if info.is_main:
-            what = f"resuming at step {trainer.step}/{cfg.train.steps}" if resumed else f"{cfg.train.steps} steps"
+            steps = trainer.cfg.train.steps
+            what = f"resuming at step {trainer.step}/{steps}" if resumed else f"{steps} steps"
+            if trainer.schedule:
+                log.info("fine-tuning recipe in epochs -> steps: %s", trainer.schedule)
             log.info("tokenizer -> %s (config.yaml, log.jsonl, checkpoints/, result.json); %s on %s, world %d",
                      run_dir, what, info.device, info.world_size)
         trainer.run(stop_at_step)
-        if trainer.step < cfg.train.steps:
+        if trainer.step < trainer.cfg.train.steps:
             return {"stage": STAGE, "stopped_at": trainer.step, "run_dir": str(run_dir)}
         result = None
         if info.is_main:

@@ -1,7 +1,10 @@
 """Multi-crop augmentation (DINO/iBOT pipelines), vectorised over the batch in torch.
 
 Every random number comes from a CPU ``torch.Generator`` seeded by ``(seed, step, stream)``
-(:func:`step_generator`), so a resumed run draws exactly the crops it would have drawn.
+(:func:`core.seed.step_generator`), so a resumed run draws exactly the crops it would have
+drawn.  Passed as a :class:`core.seed.BatchRNG`, the numbers are those of this rank's rows of
+the global batch: ranks draw different crops, and the global batch equals one process's.
+Numbers are drawn on the CPU and copied to the images' device (no device-to-host sync).
 
 Per crop, following DINO/iBOT: random-resized crop (area ``scale``, aspect 3/4..4/3) +
 horizontal flip 0.5; colour jitter (brightness 0.4, contrast 0.4, saturation 0.2,
@@ -18,17 +21,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.seed import BatchRNG, as_batch_rng, step_generator
+
 _LUMA = (0.299, 0.587, 0.114)
+RNG = "torch.Generator | BatchRNG"
 
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, stream)."""
-    state = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+__all__ = ["MultiCrop", "local_crop_size", "step_generator", "resized_crops", "color_jitter", "random_grayscale",
+           "gaussian_blur", "solarize"]
 
 
 def local_crop_size(image_size: int, multiple: int, size: int | None = None) -> int:
@@ -41,11 +43,15 @@ def local_crop_size(image_size: int, multiple: int, size: int | None = None) -> 
     return out
 
 
-def _rand(g: torch.Generator, n: int, lo: float, hi: float, device) -> torch.Tensor:
-    return (lo + (hi - lo) * torch.rand(n, generator=g)).to(device)
+def _rand_cpu(g: RNG, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * as_batch_rng(g).rand(n)
 
 
-def resized_crops(images: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+def _rand(g: RNG, n: int, lo: float, hi: float, device) -> torch.Tensor:
+    return _rand_cpu(g, n, lo, hi).to(device, non_blocking=True)
+
+
+def resized_crops(images: torch.Tensor, size: int, scale: tuple[float, float], g: RNG) -> torch.Tensor:
     """One random-resized, randomly flipped crop per image: (B, 3, H, W) -> (B, 3, size, size)."""
     B, device = images.shape[0], images.device
     area = _rand(g, B, scale[0], scale[1], device)
@@ -73,7 +79,7 @@ def _per_image(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def color_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8,
+def color_jitter(x: torch.Tensor, g: RNG, p: float = 0.8,
                  strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)) -> torch.Tensor:
     """Brightness, contrast, saturation, hue jitter on [0, 1] images, each image with prob ``p``."""
     B, device = x.shape[0], x.device
@@ -97,18 +103,19 @@ def color_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8,
     return torch.where(apply, y, x)
 
 
-def random_grayscale(x: torch.Tensor, g: torch.Generator, p: float = 0.2) -> torch.Tensor:
+def random_grayscale(x: torch.Tensor, g: RNG, p: float = 0.2) -> torch.Tensor:
     apply = _per_image(_rand(g, x.shape[0], 0, 1, x.device) < p)
     return torch.where(apply, _gray(x).expand_as(x), x)
 
 
-def gaussian_blur(x: torch.Tensor, g: torch.Generator, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, g: RNG, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
     """Separable Gaussian blur with a per-image sigma, applied with prob ``p`` (reflect padding)."""
     B, C, H, W = x.shape
-    apply = _rand(g, B, 0, 1, x.device) < p
+    apply_cpu = _rand_cpu(g, B, 0, 1) < p  # decided on the CPU: no device sync for the early exit
     sig = _rand(g, B, sigma[0], sigma[1], x.device) * H / 224  # sigma in 224-px units
-    if p <= 0 or not apply.any():
+    if p <= 0 or not apply_cpu.any():
         return x
+    apply = apply_cpu.to(x.device, non_blocking=True)
     radius = max(1, min(int(math.ceil(3 * sigma[1] * H / 224)), H // 2 - 1 if H > 3 else 1))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sig[:, None]) ** 2)
@@ -119,7 +126,7 @@ def gaussian_blur(x: torch.Tensor, g: torch.Generator, p: float, sigma: tuple[fl
     return torch.where(_per_image(apply), y.view(B, C, H, W), x)
 
 
-def solarize(x: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+def solarize(x: torch.Tensor, g: RNG, p: float) -> torch.Tensor:
     apply = _per_image(_rand(g, x.shape[0], 0, 1, x.device) < p)
     return torch.where(apply & (x >= 0.5), 1 - x, x)
 
@@ -143,7 +150,7 @@ class MultiCrop:
         x = solarize(gaussian_blur(x, g, blur), g, sol)
         return x * 2 - 1
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, images: torch.Tensor, g: RNG) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, H, W) in [-1, 1] -> (globals (2B, 3, S, S), locals (L·B, 3, s, s) or None)."""
         globals_ = [self._view(images, self.global_size, self.global_scale, self.BLUR[i], self.SOLARIZE[i], g)
                     for i in range(2)]

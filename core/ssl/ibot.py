@@ -27,7 +27,8 @@ def masked_patch_loss(student_masked: torch.Tensor, teacher_masked: torch.Tensor
     """
     ce = torch.sum(-teacher_masked * F.log_softmax(student_masked / student_temp, dim=-1), dim=-1)  # (M,)
     per_image = masks.sum(dim=-1).clamp(min=1).to(ce.dtype)  # (2B,) masked tokens per image
-    weight = (1.0 / per_image)[masks.nonzero()[:, 0]]  # (M,) 1 / #masked of each token's image
+    # masks may live on the CPU (built there: indexing with them needs no device sync)
+    weight = (1.0 / per_image)[masks.nonzero()[:, 0]].to(ce.device, non_blocking=True)  # (M,)
     return (ce * weight).sum() / masks.shape[0]
 
 

@@ -10,6 +10,12 @@ Per image: ratio = 0 with probability ``1 - mask_prob`` else U(mask_ratio); targ
 ``ratio·T²`` patches.  A proposal has area U(min_area, remaining) with
 ``min_area = (T // 3)²`` (iBOT), aspect log-uniform in (0.3, 1/0.3); it is accepted when it
 adds between 1 and ``remaining`` new patches.
+
+The masks are built on the CPU (they are a function of a CPU generator, and the round loop
+branches on them: on a GPU every round would be a device-to-host sync) and copied to the
+target device once.  Given a :class:`core.seed.BatchRNG`, the masks of the whole global
+batch are drawn and this rank keeps its rows (ranks mask differently; the global batch is
+one process's).
 """
 from __future__ import annotations
 
@@ -18,13 +24,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from core.seed import BatchRNG, as_batch_rng
+
 ATTEMPTS = 10  # proposals per block; an image stops when none of them fits (iBOT)
 
 
 def block_masks(
     batch: int,
     grid: int,
-    generator: torch.Generator,
+    generator: "torch.Generator | BatchRNG",
     mask_prob: float = 0.5,
     mask_ratio: tuple[float, float] = (0.1, 0.5),
     aspect: tuple[float, float] = (0.3, 1 / 0.3),
@@ -36,12 +44,16 @@ def block_masks(
     Parameters
     ----------
     batch, grid : number of masks and token grid side T.
-    generator : CPU generator; the masks are a pure function of its state (not of ``device``).
+    generator : CPU generator or :class:`core.seed.BatchRNG` (then ``batch`` is this rank's
+        share); the masks are a pure function of its state (not of ``device``).
     mask_prob : share of images that get a mask at all.
     mask_ratio : (low, high) of the uniform per-image masking ratio.
     """
     if not 0.0 <= mask_prob <= 1.0 or not 0.0 <= mask_ratio[0] <= mask_ratio[1] <= 1.0:
         raise ValueError(f"need 0 <= mask_prob <= 1 and 0 <= low <= high <= 1; got {mask_prob}, {mask_ratio}")
+    rng = as_batch_rng(generator)
+    mine = slice(rng.rank, None, rng.world_size)  # this rank's masks among the global batch's
+    batch, generator = batch * rng.world_size, rng.generator
     T = grid
     masked = torch.rand(batch, generator=generator) < mask_prob
     ratio = mask_ratio[0] + (mask_ratio[1] - mask_ratio[0]) * torch.rand(batch, generator=generator)
@@ -49,10 +61,10 @@ def block_masks(
     min_area = float((T // 3) ** 2)
     log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
 
-    mask = torch.zeros(batch, T, T, dtype=torch.bool, device=device)
+    mask = torch.zeros(batch, T, T, dtype=torch.bool)
     count = torch.zeros(batch)
     stopped = torch.zeros(batch, dtype=torch.bool)
-    coords = torch.arange(T, device=device)
+    coords = torch.arange(T)
     for _ in range(max_rounds):
         active = (count < target) & ~stopped
         if not active.any():
@@ -73,24 +85,24 @@ def block_masks(
         # patches each proposal would newly cover: h·w minus those already masked, read off
         # a summed-area table of the current masks (no (n, A, T, T) rasterisation)
         n, side = len(idx), T + 1
-        sat = F.pad(mask[idx.to(device)].float().cumsum(1).cumsum(2), (1, 0, 1, 0)).view(n, side * side)
+        sat = F.pad(mask[idx].float().cumsum(1).cumsum(2), (1, 0, 1, 0)).view(n, side * side)
         bottom, right = (top + h).clamp(max=T), (left + w).clamp(max=T)
         corners = torch.stack([bottom * side + right, top * side + right, bottom * side + left,
-                               top * side + left], dim=1).view(n, 4 * ATTEMPTS).to(device)
-        s = sat.gather(1, corners).view(n, 4, ATTEMPTS).cpu().long()  # exact: counts < 2^24
+                               top * side + left], dim=1).view(n, 4 * ATTEMPTS)
+        s = sat.gather(1, corners).view(n, 4, ATTEMPTS).long()  # exact: counts < 2^24
         new = h * w - (s[:, 0] - s[:, 1] - s[:, 2] + s[:, 3])  # (n, A)
         ok = fits & (new > 0) & (new <= remaining)
         hit = ok.any(dim=1)
         first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first accepted attempt, (n, 1)
         box = torch.cat([top.gather(1, first), bottom.gather(1, first), left.gather(1, first),
-                         right.gather(1, first)], dim=1).to(device)  # (n, 4)
+                         right.gather(1, first)], dim=1)  # (n, 4)
         rows = (coords >= box[:, 0:1]) & (coords < box[:, 1:2])  # (n, T)
         cols = (coords >= box[:, 2:3]) & (coords < box[:, 3:4])
         chosen = rows[:, :, None] & cols[:, None, :]  # (n, T, T)
-        mask[idx[hit].to(device)] |= chosen[hit.to(device)]
+        mask[idx[hit]] |= chosen[hit]
         count[idx] += torch.where(hit, new.gather(1, first)[:, 0], 0).float()
         stopped[idx[~hit]] = True  # no attempt fitted: the image keeps what it has
-    return mask
+    return mask[mine].to(device, non_blocking=True)
 
 
 def pool_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Per step, from the same image batch the reconstruction objective sees:
 
 1. multi-crop (:class:`core.ssl.augment.MultiCrop`): 2 global crops at the image size and
-   ``ssl.local_crops`` local crops, all random numbers from ``(train seed, step)``;
+   ``ssl.local_crops`` local crops, all random numbers from ``(train seed, step)`` and this
+   rank's rows of the global batch (:class:`core.seed.BatchRNG`: ranks crop differently, the
+   global batch is cropped as one process would crop it);
 2. block masks on the global crops' patch grid (iBOT/DINOv2; none for DINO);
 3. teacher (EMA encoder + heads, no grad): class and patch outputs of the 2 unmasked globals;
 4. student (the tokenizer's encoder through ``model.forward_tokens``): masked globals, and
@@ -22,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from core.ssl.augment import MultiCrop, local_crop_size, step_generator
+from core.seed import BatchRNG, step_generator
+from core.ssl.augment import MultiCrop, local_crop_size
 from core.ssl.dino import DINOLoss
 from core.ssl.dinov2 import DINOv2Loss
 from core.ssl.heads import SSLHeads
@@ -60,10 +63,13 @@ class SSLObjective:
     model : the tokenizer (TCAE, class token enabled); the teacher copies its encoder.
     weight : λ_ssl (``loss.ssl``), applied inside :meth:`loss`.
     total_steps : run length, for the teacher momentum's cosine schedule.
-    seed : training seed; crops and masks of step s depend only on (seed, s).
+    seed : training seed; crops and masks of step s depend only on (seed, s, global image index).
+    rank, world_size : this process's place in data parallelism (rank r holds images
+        r, r + W, ... of the global batch, as :class:`core.data.DeterministicBatchSampler`).
     """
 
-    def __init__(self, cfg: "SSLConfig", model: nn.Module, weight: float, total_steps: int, seed: int = 0):
+    def __init__(self, cfg: "SSLConfig", model: nn.Module, weight: float, total_steps: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if cfg.method not in LOSSES:
             raise ValueError(f"ssl.method={cfg.method!r} has no objective; choose from {sorted(LOSSES)}")
         tok = unwrap(model)
@@ -71,6 +77,7 @@ class SSLObjective:
         if enc.cls_token is None:
             raise ValueError("SSL needs the encoder's class token (model.class_token: true)")
         self.cfg, self.weight, self.total_steps, self.seed = cfg, weight, total_steps, seed
+        self.rank, self.world_size = rank, world_size
         self.loss_fn = LOSSES[cfg.method](
             out_dim=cfg.out_dim, patch_out_dim=cfg.patch_out_dim or cfg.out_dim,
             student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp,
@@ -95,18 +102,27 @@ class SSLObjective:
     def modules(self) -> dict[str, nn.Module]:
         return {"ssl_heads": self.heads}
 
+    def _rng(self, step: int, stream: int = 0) -> BatchRNG:
+        return BatchRNG(step_generator(self.seed, step, stream), self.rank, self.world_size)
+
     def masks(self, batch: int, grid: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Block masks (batch, grid, grid) of step ``step``, rasterised on ``device``."""
-        g = step_generator(self.seed, step, _MASK_STREAM)
-        return block_masks(batch, grid, g, self.cfg.mask_prob, tuple(self.cfg.mask_ratio), device=device)
+        """This rank's block masks (batch, grid, grid) of step ``step``, on ``device``."""
+        return block_masks(batch, grid, self._rng(step, _MASK_STREAM), self.cfg.mask_prob,
+                           tuple(self.cfg.mask_ratio), device=device)
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, step: int):
-        """λ_ssl·(L_cls + L_mim [+ KoLeo]) for one batch (B, 3, H, W) in [-1, 1]; logs are floats."""
+        """λ_ssl·(L_cls + L_mim [+ KoLeo]) for one batch (B, 3, H, W) in [-1, 1].
+
+        Logs are detached tensors (no device sync; the trainer reads them at log steps).
+        """
         B = images.shape[0]
-        globals_, locals_ = self.crops(images, step_generator(self.seed, step))  # (2B,3,S,S), (L·B,3,s,s)
-        masks = None
+        globals_, locals_ = self.crops(images, self._rng(step))  # (2B,3,S,S), (L·B,3,s,s)
+        masks = masks_cpu = None
         if self.loss_fn.uses_masks:
-            masks = self.masks(2 * B, globals_.shape[-1] // self.patch_size, step, images.device)
+            # Built on the CPU; the encoder gets a device copy, token indexing uses the CPU
+            # mask (indexing with a device bool mask would sync to count its True entries).
+            masks_cpu = self.masks(2 * B, globals_.shape[-1] // self.patch_size, step)
+            masks = masks_cpu.to(images.device, non_blocking=True)
         freeze_last = step < self.cfg.freeze_last_layer_steps
 
         with torch.no_grad():
@@ -121,7 +137,7 @@ class SSLObjective:
         s_cls_logits = self.heads.forward_cls(torch.cat(s_cls), freeze_last)
         extra = {}
         if self.loss_fn.uses_patches:
-            token_mask = pool_mask(masks, s_glob.grid)  # (2B, N')
+            token_mask = pool_mask(masks_cpu, s_glob.grid)  # (2B, N') on the CPU
             extra = dict(
                 student_patch=self.heads.forward_patch(s_glob.tokens[token_mask], freeze_last),  # (M, K)
                 teacher_patch=t_patch,
@@ -130,10 +146,10 @@ class SSLObjective:
             )
         parts = self.loss_fn(student_cls=s_cls_logits, teacher_cls=t_cls_logits, step=step, **extra)
         ssl = sum(parts.values())
-        logs = {f"ssl_{k}": float(v.detach()) for k, v in parts.items()}
+        logs = {f"ssl_{k}": v.detach() for k, v in parts.items()}
         logs["ssl_teacher_temp"] = self.loss_fn.teacher_temp(step)
-        if masks is not None:
-            logs["ssl_mask_ratio"] = float(masks.float().mean())
+        if masks_cpu is not None:
+            logs["ssl_mask_ratio"] = float(masks_cpu.float().mean())
         return self.weight * ssl, logs
 
     def after_step(self, model: nn.Module, step: int) -> None:

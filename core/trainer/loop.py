@@ -5,6 +5,13 @@ states, the data position and each objective's state, and the data order is a pu
 function of (seed, epoch) (:class:`core.data.DeterministicBatchSampler`), so N straight
 steps and N/2 + kill + resume give bit-identical weights.  (With ``data.num_workers > 0``,
 randomness drawn inside workers — none for the built-in datasets — would not be restored.)
+
+GPU-ready: loss terms stay on the device and are summed there; the host reads them (one
+sync) only at log steps, where a non-finite loss is also detected.  Gradients are averaged
+over ranks while backward runs (:class:`core.trainer.distributed.GradientSync`), transformer
+blocks are compiled in place when ``train.compile`` (state-dict keys unchanged), and AdamW
+is fused on CUDA.  ``data.hflip`` flips training images at random, per image, from
+(seed, step, global image index), so resume stays exact.
 """
 from __future__ import annotations
 
@@ -27,7 +34,10 @@ from core.trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_stat
 from core.trainer.ema import EMA
 from core.trainer.objective import Objective
 from core.trainer.optim import build_optimizer
+from core.seed import BatchRNG, step_generator
 from core.trainer.schedule import cosine_lr, set_lr
+
+_FLIP_STREAM = 20  # step_generator stream of the random horizontal flips
 
 if TYPE_CHECKING:
     from core.config import RunConfig
@@ -41,29 +51,67 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def random_hflip(images: torch.Tensor, seed: int, step: int, dist_info: D.DistInfo) -> torch.Tensor:
+    """Flip each image (B, 3, H, W) horizontally with probability 1/2, from (seed, step, global index)."""
+    flip = BatchRNG(step_generator(seed, step, _FLIP_STREAM), dist_info.rank, dist_info.world_size).rand(len(images)) < 0.5
+    flip = flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
+    return torch.where(flip, images.flip(-1), images)
+
+
 def train_step(model: nn.Module, objectives: Sequence[Objective], optimizer: torch.optim.Optimizer,
                params: list[torch.Tensor], images: torch.Tensor, labels: torch.Tensor, step: int, lr: float,
-               grad_clip: float, bf16: bool, dist_info: D.DistInfo) -> dict[str, float]:
-    """One optimizer step on the summed objective losses; returns float logs."""
+               grad_clip: float, bf16: bool, dist_info: D.DistInfo,
+               grad_sync: D.GradientSync | None = None) -> dict[str, "float | torch.Tensor"]:
+    """One optimizer step on the summed objective losses.
+
+    Returns logs whose values are floats or detached 0-d device tensors (``loss``,
+    ``grad_norm``, the objectives' terms): nothing here waits for the device.  Gradients are
+    averaged over ranks by ``grad_sync`` during backward, else after it.
+    """
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
-    logs: dict[str, float] = {}
+    logs: dict[str, float | torch.Tensor] = {}
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         total = 0.0
         for obj in objectives:
             loss, obj_logs = obj.loss(model, images, labels, step)
             total = total + loss
             logs.update(obj_logs)
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"non-finite loss {float(total)} at step {step}: {logs}")
+    if grad_sync is not None:
+        grad_sync.start()
     total.backward()
-    D.average_gradients(params, dist_info)
+    if grad_sync is not None:
+        grad_sync.finish()
+    else:
+        D.average_gradients(params, dist_info)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     for obj in objectives:
         obj.after_step(model, step)
-    logs.update(loss=float(total.detach()), lr=lr, grad_norm=float(grad_norm))
+    logs.update(loss=total.detach(), lr=lr, grad_norm=grad_norm.detach())
     return logs
+
+
+def use_compile(train_cfg, device: torch.device) -> bool:
+    """``train.compile``, or (None) on for CUDA and off on the CPU."""
+    return device.type == "cuda" if train_cfg.compile is None else bool(train_cfg.compile)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every transformer block of ``model`` in place; returns how many.
+
+    Compiling blocks (not the whole model) covers every entry the objectives use
+    (``model(x)``, ``forward_tokens``, the encoder alone) and keeps parameter names, so
+    checkpoints are those of an eager run.
+    """
+    from timm.models.vision_transformer import Block
+
+    from core.models.dit import DiTBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, (Block, DiTBlock))]
+    for m in blocks:
+        m.compile()
+    return len(blocks)
 
 
 class Trainer:
@@ -93,8 +141,12 @@ class Trainer:
             for p in module.parameters():
                 if p.requires_grad and all(p is not q for q in self.params):
                     self.params.append(p)
-        self.optimizer = build_optimizer(modules, cfg.optim)
+        self.optimizer = build_optimizer(modules, cfg.optim, fused=dist_info.device.type == "cuda")
         self.ema = EMA(model, cfg.optim.ema) if cfg.optim.ema else None
+        # after the EMA copy (and the objectives' teacher copies): those stay eager
+        self.compiled_blocks = compile_blocks(model) if use_compile(cfg.train, dist_info.device) else 0
+        self.grad_sync = D.GradientSync(self.params, dist_info) if dist_info.enabled else None
+        self.schedule: dict = {}  # a fine-tuning run's epochs -> steps conversion (set by core.train)
         self.step = 0  # optimizer steps done
         self.train_time_s = 0.0
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -190,21 +242,27 @@ class Trainer:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             lr = cosine_lr(self.step, tc.steps, oc.warmup_steps, oc.lr, oc.min_lr)
+            if self.cfg.data.hflip:
+                images = random_hflip(images, tc.seed, self.step, self.info)
             logs = train_step(self.model, self.objectives, self.optimizer, self.params, images, labels, self.step,
-                              lr, oc.grad_clip, tc.precision == "bf16", self.info)
+                              lr, oc.grad_clip, tc.precision == "bf16", self.info, self.grad_sync)
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.model)
             for k, v in logs.items():  # some keys appear only on some steps (e.g. after a start step)
-                acc = window.setdefault(k, [0.0, 0])
+                acc = window.setdefault(k, [0.0, 0])  # sums stay on the device until the log step
                 acc[0], acc[1] = acc[0] + v, acc[1] + 1
             now = time.perf_counter()
             self.train_time_s += now - t_last
             t_last = now
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == end:
-                # Mean over the steps since the last record and over ranks.
-                means = D.mean_over_ranks({k: total / n for k, (total, n) in window.items()}, self.info)
+                # Mean over the steps since the last record and over ranks; the one host sync.
+                means = {k: float(total) / n for k, (total, n) in window.items()}
+                if not math.isfinite(means["loss"]):  # NaN/inf in any step of the window stays in its sum
+                    raise FloatingPointError(f"non-finite loss in steps {self.step - window['loss'][1] + 1}.."
+                                             f"{self.step}: {means}")
+                means = D.mean_over_ranks(means, self.info)
                 self.last_logs = means
                 record = {"step": self.step, **means, "lr": lr, "time": round(self.train_time_s, 3)}
                 window = {}

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 if TYPE_CHECKING:
     from core.config import LossConfig, RunConfig
+    from core.trainer.distributed import DistInfo
 
 
 @runtime_checkable
@@ -26,8 +27,11 @@ class Objective(Protocol):
         """Extra trainable modules (name → module) added to the optimizer."""
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """(weighted scalar loss, float logs) for images (B, 3, H, W) in [-1, 1]."""
+             step: int) -> tuple[torch.Tensor, dict[str, "float | torch.Tensor"]]:
+        """(weighted scalar loss, logs) for images (B, 3, H, W) in [-1, 1].
+
+        Log values are floats or detached 0-d tensors; the loop turns them into floats
+        only at log steps (a ``float(tensor)`` per step would sync a GPU every step)."""
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after the optimizer step ``step``."""
@@ -62,11 +66,11 @@ class ReconstructionObjective:
         x_hat, _ = model(images)
         x_hat = x_hat.float()  # losses in fp32 under bf16 autocast
         l1 = (x_hat - images).abs().mean()
-        total, logs = self.l1_weight * l1, {"l1": float(l1.detach())}
+        total, logs = self.l1_weight * l1, {"l1": l1.detach()}  # tensors: read only at log steps
         if self.perceptual is not None:
             perc = self.perceptual(x_hat, images).mean()
             total = total + self.perceptual_weight * perc
-            logs["perceptual"] = float(perc.detach())
+            logs["perceptual"] = perc.detach()
         return total, logs
 
     def after_step(self, model, step) -> None:
@@ -79,20 +83,26 @@ class ReconstructionObjective:
         pass
 
 
-def build_objectives(cfg: "RunConfig", model: nn.Module, device: torch.device | str) -> list[Objective]:
+def build_objectives(cfg: "RunConfig", model: nn.Module, device: torch.device | str,
+                     dist_info: "DistInfo | None" = None) -> list[Objective]:
     """The objectives a run's config asks for: reconstruction, plus SSL when ``ssl.method != none``,
-    plus the decoder fine-tuning objective (adversarial) when ``finetune.enabled``."""
+    plus the decoder fine-tuning objective (adversarial) when ``finetune.enabled``.
+
+    ``dist_info`` (data parallelism) gives the objectives with random augmentations this
+    rank's share of the global batch's random numbers; None = one process.
+    """
     objectives: list[Objective] = [ReconstructionObjective(cfg.loss, device)]
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
     if cfg.ssl.method != "none" and cfg.loss.ssl > 0:
         from core.ssl import SSLObjective
 
         objectives.append(SSLObjective(cfg.ssl, model, weight=cfg.loss.ssl, total_steps=cfg.train.steps,
-                                       seed=cfg.train.seed))
+                                       seed=cfg.train.seed, rank=rank, world_size=world))
     if cfg.finetune.enabled:
-        from core.losses.adversarial import build_objective as build_adversarial
+        from core.finetune import build_objective as build_adversarial
 
         # Shares the reconstruction objective (and its LPIPS) for the adaptive GAN weight.
-        objectives.append(build_adversarial(cfg, model, device, reconstruction=objectives[0]))
+        objectives.append(build_adversarial(cfg, model, device, reconstruction=objectives[0], dist_info=dist_info))
     for obj in objectives:
         if not isinstance(obj, Objective):
             raise TypeError(f"{type(obj).__name__} does not implement the trainer Objective protocol")

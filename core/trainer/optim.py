@@ -18,11 +18,12 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
 
 
-def build_optimizer(modules: Mapping[str, nn.Module], optim_cfg: "OptimConfig") -> torch.optim.AdamW:
+def build_optimizer(modules: Mapping[str, nn.Module], optim_cfg: "OptimConfig", fused: bool = False) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``modules`` (name → module), two groups.
 
     Frozen parameters (``requires_grad=False``) are left out; a parameter shared by two
     modules is optimised once.  The lr is set per step by :func:`core.trainer.schedule.set_lr`.
+    ``fused`` (CUDA): one kernel for the whole update instead of a few per parameter.
     """
     seen: set[int] = set()
     decay, no_decay = [], []
@@ -39,4 +40,4 @@ def build_optimizer(modules: Mapping[str, nn.Module], optim_cfg: "OptimConfig") 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas))
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), fused=fused or None)

@@ -106,3 +106,15 @@ def test_substitute_backbone_is_named_and_deterministic():
     assert a.backbone_name == SUBSTITUTE_NAME
     for (k, v), (_, w) in zip(a.backbone.state_dict().items(), b.backbone.state_dict().items()):
         assert torch.equal(v, w), k
+
+
+def test_diffaug_ranks_draw_their_rows_of_the_global_batch():
+    from core.seed import BatchRNG
+
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    full = diff_augment(x, step_generator(0, 4, 10))
+    for r in range(2):
+        assert torch.allclose(diff_augment(x[r::2], BatchRNG(step_generator(0, 4, 10), r, 2)), full[r::2], atol=1e-6)
+    same = x[:4]
+    assert not torch.allclose(diff_augment(same, BatchRNG(step_generator(0, 4, 10), 0, 2)),
+                              diff_augment(same, BatchRNG(step_generator(0, 4, 10), 1, 2)))

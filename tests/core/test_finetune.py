@@ -39,7 +39,12 @@ def _step(model, obj, opt, step):
     (rec + adv).backward()
     opt.step()
     obj.after_step(model, step)
-    return rec + adv, {**rec_logs, **logs}
+    return rec + adv, _floats({**rec_logs, **logs})
+
+
+def _floats(logs):
+    """Objectives log detached tensors (read by the trainer only at log steps)."""
+    return {k: float(v) for k, v in logs.items()}
 
 
 def test_encoder_frozen_decoder_trains_and_backbone_is_named():
@@ -70,6 +75,7 @@ def test_phase_switches_at_configured_steps():
     # from adv_start the generator loss enters with the adaptive weight
     images = _batch(2)
     adv, logs = obj.loss(model, images, None, 2)
+    logs = _floats(logs)
     assert "adv_g" in logs and "adv_d" in logs
     assert adv.item() == pytest.approx(0.75 * logs["adv_weight"] * logs["adv_g"], rel=1e-5)
     # the weight is the gradient-norm ratio at the decoder's last layer

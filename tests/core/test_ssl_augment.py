@@ -58,3 +58,23 @@ def test_local_crop_size_rounding_and_errors():
     assert local_crop_size(32, 8, size=24) == 24
     with pytest.raises(ValueError, match="ssl.local_crop_size=20"):
         local_crop_size(32, 8, size=20)
+
+
+def test_ranks_crop_differently_and_together_crop_like_one_process():
+    """Rank r holds images r, r+2, ... of the global batch (DeterministicBatchSampler): its crops are
+    exactly those rows of one process's crops of the global batch, so the two ranks' crops differ."""
+    from core.seed import BatchRNG
+
+    mc = MultiCrop(32, 16, local_crops=2)
+    images = _images(b=8)
+    glob, loc = mc(images, step_generator(0, 5))  # one process, global batch 8: (16, ...), (16, ...)
+    ranks = [mc(images[r::2], BatchRNG(step_generator(0, 5), r, 2)) for r in range(2)]
+    for r, (g, l) in enumerate(ranks):
+        for crop in range(2):  # crop-major: [crop 0 of the rank's 4 images, crop 1 of them]
+            assert torch.allclose(g[4 * crop: 4 * crop + 4], glob[8 * crop + r: 8 * crop + 8: 2], atol=1e-6)
+            assert torch.allclose(l[4 * crop: 4 * crop + 4], loc[8 * crop + r: 8 * crop + 8: 2], atol=1e-6)
+    # the same images on the two ranks get different crops (before: every rank cropped image j alike)
+    same = images[:4]
+    a = mc(same, BatchRNG(step_generator(0, 5), 0, 2))
+    b = mc(same, BatchRNG(step_generator(0, 5), 1, 2))
+    assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])

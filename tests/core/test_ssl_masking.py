@@ -79,3 +79,12 @@ def test_pool_mask_any_child():
     assert pool_mask(m, (2, 2)).tolist() == [[True, False, False, False], [False, False, False, True]]
     with pytest.raises(ValueError, match="3x3"):
         pool_mask(m, (3, 3))
+
+
+def test_rank_masks_are_rows_of_the_global_batch_masks():
+    from core.seed import BatchRNG, step_generator
+
+    full = block_masks(16, 8, step_generator(0, 3, 1), mask_prob=1.0)
+    ranks = [block_masks(8, 8, BatchRNG(step_generator(0, 3, 1), r, 2), mask_prob=1.0) for r in range(2)]
+    assert torch.equal(ranks[0], full[0::2]) and torch.equal(ranks[1], full[1::2])
+    assert not torch.equal(ranks[0], ranks[1])

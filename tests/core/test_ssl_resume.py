@@ -18,7 +18,7 @@ BASE = {
     "optim.warmup_steps": 1,
 }
 FINETUNE = {
-    "finetune.enabled": True, "loss.ssl": 0.0, "loss.adversarial": 0.75, "finetune.disc_start_step": 1,
+    "finetune.enabled": True, "finetune.epochs": None, "loss.ssl": 0.0, "loss.adversarial": 0.75, "finetune.disc_start_step": 1,
     "finetune.adv_start_step": 2, "finetune.disc_image_size": 32, "optim.weight_decay": 0.0, "optim.lr": 2e-4,
 }
 
