@@ -93,3 +93,19 @@ def test_shipped_paper_sweeps_name_their_missing_paths():
     problems = preflight(load_sweep(repo / "sweeps" / "token_scaling.yaml"))
     assert "data.root" in {p.key for p in problems}
     assert preflight(load_sweep(repo / "sweeps" / "quickstart.yaml")) == []
+
+
+def test_submit_stops_at_preflight_before_anything_is_written(tmp_path, run_cli):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "base": {"data": {"name": "imagefolder", "root": "/no/imagenet"}},
+                                    "stages": STAGES, "executor": "local"}))
+    url = f"sqlite:///{tmp_path}/r.db"
+    out = run_cli("submit", path, "--db", url)
+    assert out.returncode == 2 and "key 'data.root'" in out.stderr and str(path) in out.stderr, out.stderr
+    assert not (tmp_path / "runs").exists()
+    if (tmp_path / "r.db").exists():
+        from orchestrator.db import Store
+
+        store = Store(url)
+        assert store.runs() == []
+        store.dispose()
