@@ -12,9 +12,9 @@ import time
 import pytest
 import yaml
 
+from core.config import config_dict
 from orchestrator.db.store import Store
-from orchestrator.plan import build_plan
-from orchestrator.submit import decide, open_store, write_run_dirs
+from orchestrator.submit import open_store
 from orchestrator.sweep import load_sweep
 from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture)
 from test_submit_local import reference_checksum
@@ -57,9 +57,12 @@ def progress(root) -> int:
 
 def test_two_concurrent_starts_of_one_stage_one_runs_one_refuses(tmp_path):
     sweep = load_sweep(selftest_sweep(tmp_path, steps=10, step_s=0.2))
-    plan = build_plan(sweep, decide(sweep, {}), sweep.runs, 10)
-    write_run_dirs(sweep, plan, "local", {h: json.loads(r.config.model_dump_json()) for h, r in plan.runs.items()})
-    root = sweep.runs_root / sweep.runs[0].run_hash
+    run = sweep.runs[0]
+    root = sweep.runs_root / run.run_hash  # what a submission writes: all a stage reads
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(json.dumps(config_dict(run.config)))
+    (root / "run.json").write_text(json.dumps({"run_hash": run.run_hash, "sweep": "ex", "params": {}, "label": "",
+                                               "stages": {"selftest": {"step_s": 0.2}}}))
     first = subprocess.Popen([sys.executable, "-m", "orchestrator.stages", "selftest", str(root)],
                              stderr=subprocess.PIPE, text=True)
     wait_for(lambda: progress(root) >= 1, 60, "first start made no progress")
@@ -81,9 +84,8 @@ def test_sigkilled_local_orchestrator_takes_its_stage_processes_and_next_submit_
     sweep = load_sweep(path)
     root = sweep.runs_root / sweep.runs[0].run_hash
     wait_for(lambda: progress(root) >= 4, 90, "the local stage made no progress")
-    holder = (root / "selftest" / ".lock").read_text()
-    child = int(holder.split()[1])
-    assert child != orch.pid and alive(child)
+    (child,) = [int(p) for p in open(f"/proc/{orch.pid}/task/{orch.pid}/children").read().split()]
+    assert alive(child)
     orch.send_signal(signal.SIGKILL)
     orch.wait(timeout=10)
     wait_for(lambda: not alive(child), 10, f"stage process {child} outlived its orchestrator")
