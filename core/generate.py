@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 import torchvision
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from core.config import ConfigError, RunConfig, config_dict, config_hash, load_config, save_config
 from core.data import balanced_subset, build_dataset, dataset_labels, subset_info
@@ -49,17 +50,31 @@ from core.trainer.distributed import resolve_device
 SAMPLES_PNG_COUNT = 64
 
 
-def real_statistics(dataset, n: int, seed: int, features: FidelityFeatures, batch_size: int = 64) -> tuple[dict, dict]:
+class _Uint8View(Dataset):
+    """Items ``indices`` of ``dataset`` as their exact uint8 (3, H, W) bytes (``render_uint8``)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.dataset.render_uint8(int(self.indices[i]))).permute(2, 0, 1)
+
+
+def real_statistics(dataset, n: int, seed: int, features: FidelityFeatures, batch_size: int = 64,
+                    num_workers: int = 0) -> tuple[dict, dict]:
     """FID statistics of a class-balanced subset of ``min(n, len(dataset))`` images (exact bytes).
 
-    Returns (stats, subset info); images are rendered and featurised ``batch_size`` at a time.
+    Returns (stats, subset info); images are decoded by ``num_workers`` loader workers and
+    featurised ``batch_size`` at a time (only the running statistics are kept).
     """
     labels = dataset_labels(dataset)
     indices = balanced_subset(labels, min(n, len(dataset)), seed)
     stats = FeatureStatistics()
-    for i in range(0, len(indices), batch_size):
-        batch = [torch.from_numpy(dataset.render_uint8(int(j))).permute(2, 0, 1) for j in indices[i : i + batch_size]]
-        stats.update(features.features(torch.stack(batch))[0])
+    for images in DataLoader(_Uint8View(dataset, indices), batch_size=batch_size, num_workers=num_workers):
+        stats.update(features.features(images)[0])
     return stats.statistics(), subset_info(labels, indices, seed)
 
 
@@ -160,7 +175,7 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
     def evaluate(ema, step: int) -> list[dict]:
         if not reference:
             reference["stats"], info = real_statistics(val_set, gen.num_samples, cfg.eval.subset_seed, features,
-                                                       cfg.eval.batch_size)
+                                                       cfg.eval.batch_size, cfg.data.num_workers)
             reference["name"] = f"balanced-val-subset:{info['size']}:seed={info['seed']}"
             reference["num_real"], reference["subset"] = info["size"], info
         fake_stats, logits, first = FeatureStatistics(), [], []
