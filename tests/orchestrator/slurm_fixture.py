@@ -1,4 +1,4 @@
-"""Session fixture: the real single-node Slurm (with accounting) started by the shared script.
+"""Session fixture: the real single-node Slurm (with accounting) of ``scripts/start_slurm.sh``.
 
 Import it into a test module (``from slurm_fixture import slurm_cluster``).  Tests using it
 skip, with the reason, only when Slurm cannot be started here.
@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator import slurm
 
-START_SCRIPT = Path(__file__).resolve().parents[2].parent / "shared" / "slurm" / "start_slurm.sh"
+START_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "start_slurm.sh"
 
 
 @pytest.fixture(scope="session")
