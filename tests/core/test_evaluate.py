@@ -104,15 +104,15 @@ def imagefolder_tokenizer(tmp_path_factory):
     from core.train import train
 
     torch.set_num_threads(1)
-    root = write_imagefolder(tmp_path_factory.mktemp("imagefolder"), num_classes=20, train_per_class=16,
+    root = write_imagefolder(tmp_path_factory.mktemp("imagefolder"), num_classes=20, train_per_class=32,
                              val_per_class=6)
     cfg = load_config(None, {
         "data.name": "imagefolder", "data.root": str(root), "data.image_size": 32, "data.batch_size": 8,
         "model.patch_size": 8, "model.latent_size": 4, "model.latent_channels": 8, "loss.perceptual": 0.0,
         "optim.warmup_steps": 1, "train.steps": 2, "train.log_every": 1, "train.ckpt_every": 2, "train.device": "cpu",
-        # subsets smaller than the splits (320 train, 120 val images): the first 120 train
+        # subsets smaller than the splits (640 train, 120 val images): the first 240 train
         # images are 7.5 of the 20 classes, the first 60 val images 10 of them
-        "eval.num_samples": 60, "eval.probe_train": 120, "eval.probe_val": 60, "eval.batch_size": 20,
+        "eval.num_samples": 60, "eval.probe_train": 240, "eval.probe_val": 60, "eval.batch_size": 20,
     })
     run_dir = tmp_path_factory.mktemp("tok_if")
     train(cfg, run_dir)
@@ -127,7 +127,7 @@ def test_probe_on_class_sorted_imagefolder_uses_balanced_subsets(imagefolder_tok
     # every class scores ~1; first-N subsets score <= 0.8 (val classes 8, 9 never trained on).
     assert m["probe_acc_before"] >= 0.95
     info = result["info"]["subsets"]
-    for key, size in (("reconstruction", 60), ("probe_train", 120), ("probe_val", 60)):
+    for key, size in (("reconstruction", 60), ("probe_train", 240), ("probe_val", 60)):
         assert info[key]["size"] == size and info[key]["classes_covered"] == 20 == info[key]["num_classes"]
         assert info[key]["per_class_max"] - info[key]["per_class_min"] <= 1
     assert result["info"]["subset_seed"] == 0 and m["rfid"] >= 0
