@@ -11,7 +11,7 @@ import os
 import sys
 
 # Order = order in --help.
-COMMANDS = ["submit", "status", "query", "ingest", "retry", "cancel", "figures", "db"]
+COMMANDS = ["submit", "status", "query", "ingest", "retry", "cancel", "figures", "report", "db"]
 
 DEFAULT_DB = "sqlite:///results.db"
 
