@@ -156,3 +156,20 @@ def test_actual_hours_of_local_stages_from_wall_time(tmp_path):
     assert set(table["selftest_cpu_hours_backbone"]) == {"wallclock"}
     assert (table["selftest_cpu_hours"] * 3600 >= 2 * 0.9).all()  # >= 4 steps x 0.5 s, 1 cpu
     store.dispose()
+
+
+def test_sweep_cost_key_sets_the_utilisation_and_is_validated(tmp_path, capsys):
+    doc = yaml.safe_load(open("sweeps/token_scaling.yaml"))
+    doc.update(runs_dir=str(tmp_path), cost={"mfu": 0.5, "gpu_peak_tflops": 1979.0})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    capsys.readouterr()
+    assert main(["submit", str(tmp_path / "s.yaml"), "--dry-run", "--json", "--db", url]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["cost"]}
+    assert rows["tokenizer"]["estimated_hours"] == pytest.approx(rows["tokenizer"]["pflops"] * 1e15
+                                                                 / (1979e12 * 0.5) / 3600)
+    doc["cost"] = {"mfuu": 0.5}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["submit", str(tmp_path / "s.yaml"), "--dry-run", "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert "cost.mfuu" in err and str(tmp_path / "s.yaml") in err
