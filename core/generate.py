@@ -45,7 +45,8 @@ from core.generator.train import resolve_shift, train_generator
 from core.io import write_atomic, write_json_atomic
 from core.seed import seed_everything
 from core.train import load_tokenizer
-from core.trainer.distributed import resolve_device
+from core.trainer import distributed as D
+from core.trainer.loop import use_compile
 
 SAMPLES_PNG_COUNT = 64
 
@@ -117,6 +118,10 @@ def _complete_result(path: Path) -> dict | None:
 def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, stop_at_step: int | None = None) -> dict:
     """Train the generator on the tokenizer in ``tokenizer_dir`` and measure gFID/IS.
 
+    Under torchrun / submitit (WORLD_SIZE > 1) every rank calls it: latents are cached and
+    the DiT is trained data-parallel (``generator.batch_size`` is the global batch); rank 0
+    evaluates and writes (the other ranks wait for it at the next collective).
+
     Parameters
     ----------
     cfg : the run's resolved config (``generator``, ``data``, ``eval``, ``train.seed``,
@@ -132,18 +137,29 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
     evaluated generator step, with the backbone) and ``generator_train_time_s``.
     """
     out_dir = Path(out_dir).resolve()
-    result_path = out_dir / "result.json"
-    if (done := _complete_result(result_path)) is not None:
+    if (done := _complete_result(out_dir / "result.json")) is not None:
         return done
-    out_dir.mkdir(parents=True, exist_ok=True)
+    info = D.init_distributed(cfg.train.device)
+    try:
+        return _generate(cfg, tokenizer_dir, out_dir, stop_at_step, info)
+    finally:
+        D.cleanup(info)
+
+
+def _generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: Path, stop_at_step: int | None,
+              dist_info: D.DistInfo) -> dict:
+    result_path = out_dir / "result.json"
     saved = out_dir / "config.yaml"
-    if not saved.exists():
-        save_config(cfg, saved)
-    elif config_hash(load_config(saved)) != config_hash(cfg):
+    if saved.exists() and config_hash(load_config(saved)) != config_hash(cfg):  # every rank raises alike
         raise ConfigError(f"{saved}: the directory holds a generator run of a different config; use a new --out-dir")
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not saved.exists():
+            save_config(cfg, saved)
+    D.barrier(dist_info)
     gen = cfg.generator
     seed = seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = dist_info.device
 
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, ema=True)
     if tok_cfg.model != cfg.model or tok_cfg.data.image_size != cfg.data.image_size:
@@ -165,7 +181,7 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
     train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     num_classes = train_set.num_classes
     latents = cache_latents(tokenizer, train_set, out_dir / "latents_train", cfg.eval.batch_size, device,
-                            num_workers=cfg.data.num_workers)
+                            num_workers=cfg.data.num_workers, rank=dist_info.rank, world_size=dist_info.world_size)
     stats = load_or_compute_stats(out_dir / "latent_stats.pt", latents)
     latent_shape = tuple(latents.shape[1:])
 
@@ -173,6 +189,8 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
     samples_png = out_dir / "samples.png"
 
     def evaluate(ema, step: int) -> list[dict]:
+        if not dist_info.is_main:  # rank 0 evaluates; the rows it returns are what its checkpoint keeps
+            return []
         if not reference:
             reference["stats"], info = real_statistics(val_set, gen.num_samples, cfg.eval.subset_seed, features,
                                                        cfg.eval.batch_size, cfg.data.num_workers)
@@ -197,6 +215,7 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
         evaluate=evaluate,
         ckpt_every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last, log_every=cfg.train.log_every,
         bf16=cfg.train.precision == "bf16" and device.type == "cuda", stop_at_step=stop_at_step,
+        dist_info=dist_info, compile=use_compile(cfg.train, device),
     )
     if out["step"] < gen.steps:
         return {"stage": "generator", "stopped_at": out["step"], "out_dir": str(out_dir)}
@@ -210,7 +229,8 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
         "artifacts": [{"kind": "checkpoint", "path": str(ckpts[-1])}, {"kind": "samples", "path": str(samples_png)},
                       {"kind": "latent_stats", "path": str(out_dir / "latent_stats.pt")}],
         "info": {
-            "complete": True, "seed": seed, "device": device.type, "fid_backbone": backbone,
+            "complete": True, "seed": seed, "device": device.type, "world_size": dist_info.world_size,
+            "fid_backbone": backbone,
             "generator_size": gen.size, "generator_params": out["ema"].num_params(),
             "latent_shape": list(latent_shape), "time_shift": shift, "num_classes": num_classes,
             "num_train_latents": len(latents), "latent_cache": {"dtype": latents.index["dtype"],
@@ -224,8 +244,10 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
         },
     }
-    write_json_atomic(result_path, result)
-    return result
+    if dist_info.is_main:
+        write_json_atomic(result_path, result)
+    D.barrier(dist_info)
+    return result if dist_info.is_main else _complete_result(result_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ def flow_loss(
     class_dropout: float = 0.0,
     null_class: int | None = None,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Flow-matching MSE of ``model(x_t, t, y)`` against the velocity ε − x.
 
@@ -63,16 +64,23 @@ def flow_loss(
         unconditional branch used by classifier-free guidance).
     generator : source of all randomness (t, ε, dropout), so a checkpointed generator state
         resumes the exact sequence.
+    shard : (rank, world_size) of data parallelism: ``x`` holds rows rank, rank + W, ... of
+        the global batch (:class:`core.data.DeterministicBatchSampler`); t, ε and the dropout
+        are drawn for the whole global batch and this rank keeps its rows, so the ranks' draws
+        differ, every rank's generator stays in the same state, and W ranks compute exactly
+        one process's loss terms (W times the noise draws: small beside the model).
     """
+    rank, world = shard
     B = x.shape[0]
-    t = sample_t(B, shift, generator=generator, device=x.device)
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    rows = slice(rank, None, world)
+    t = sample_t(B * world, shift, generator=generator, device=x.device)[rows]
+    eps = torch.randn((B * world, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)[rows]
     tb = _bcast(t, x)
     x_t = (1 - tb) * x + tb * eps
     if class_dropout > 0:
         if null_class is None:
             raise ValueError("class_dropout > 0 needs null_class (the model's unconditional label)")
-        drop = torch.rand(B, generator=generator, device=x.device) < class_dropout
+        drop = torch.rand(B * world, generator=generator, device=x.device)[rows] < class_dropout
         y = torch.where(drop, torch.full_like(y, null_class), y)
     return F.mse_loss(model(x_t, t, y), eps - x)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterable
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 _BUCKET_BYTES = 25 * 2**20
+_TIMEOUT = timedelta(hours=3)  # collectives; see init_distributed
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world_size} but {key} is not set (launch with torchrun or submitit)")
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        # Long timeout: in the generator stage the other ranks wait at a barrier while rank 0
+        # measures gFID (50k samples), far longer than nccl's default 10 minutes.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=_TIMEOUT)
         owns = True
     return DistInfo(rank, world_size, local_rank, dev, owns)
 

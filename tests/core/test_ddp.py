@@ -169,3 +169,88 @@ def test_two_rank_finetuning_keeps_one_discriminator_matches_one_process_and_res
     print(f"decoder: |2 ranks - 1 process| / |1 process - init| = {_norm(r0['model'], single['model'], dec) / moved:.3g}")
     assert _norm(r0["model"], single["model"], dec) < 0.1 * moved
     assert _norm(r0["model"], single["model"], [k for k in init if k.startswith("encoder.")]) == 0  # frozen
+
+
+# ---------------------------------------------------------------------------- generator
+
+GEN = {"size": "micro", "steps": 6, "batch_size": 8, "lr": 1e-3, "ema": 0.9, "eval_at": [2]}
+GEN_STAGE = {"data.train_size": 64, "data.val_size": 32, "data.batch_size": 16, "loss.perceptual": 0.0,
+             "train.steps": 4, "train.ckpt_every": 4, "train.device": "cpu", "eval.batch_size": 32,
+             "generator.steps": 4, "generator.batch_size": 16, "generator.num_samples": 32,
+             "generator.sample_steps": 2}
+
+
+def _latents():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(32, 16, 4, 4, generator=g), torch.randint(0, 2, (32,), generator=g)
+
+
+def _generator_run(path, stop=None, info=None, evaluate=None):
+    from core.config import GeneratorConfig
+    from core.generator.train import train_generator
+
+    latents, labels = _latents()
+    return train_generator(GeneratorConfig(**GEN), latents, labels, 2, path, seed=3, evaluate=evaluate,
+                           ckpt_every=100, stop_at_step=stop, dist_info=info)
+
+
+def _generator_worker(rank: int, world: int, port: int, out_dir: str, tok_dir: str, stage_tree: dict) -> None:
+    from pathlib import Path
+
+    from core.generate import generate
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = D.init_distributed("cpu")
+    out = Path(out_dir)
+    calls = []
+
+    def evaluate(ema, step):
+        calls.append(step)
+        return [{"name": "probe", "value": float(step), "step": step, "backbone": None, "num_samples": 1}]
+
+    try:
+        saved = {}
+        for name, stops in (("straight", [None]), ("resumed", [4, None])):
+            for stop in stops:
+                res = _generator_run(out / f"gen-{name}", stop, info, evaluate)
+            saved[name] = {"model": res["model"].state_dict(), "ema": res["ema"].state_dict(),
+                           "metrics": res["metrics"] if rank == 0 else None}
+        saved["calls"] = calls
+        # the generator stage itself on 2 ranks: latent caching, training, rank-0 evaluation and result.json
+        saved["stage"] = generate(load_config(stage_tree), tok_dir, out / "stage")
+        torch.save(saved, out / f"gen-rank{rank}.pt")
+    finally:
+        D.cleanup(info)
+
+
+@pytest.mark.slow  # two spawned processes; ~40 s
+def test_two_rank_generator_matches_one_process_resumes_exactly_and_runs_the_stage(tmp_path):
+    """generator.batch_size is the global batch: 2 ranks x 4 latents take the steps of 1 process x 8
+    (flow noise drawn for the global batch, gradients averaged); stop + resume is exact on both ranks."""
+    from core.train import train
+
+    stage_cfg = load_config(overrides=GEN_STAGE)
+    train(stage_cfg, tmp_path / "tok")
+    mp.spawn(_generator_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path / "tok"),
+                                      stage_cfg.model_dump(mode="json")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"gen-rank{r}.pt", weights_only=False) for r in range(2))
+    for key in ("model", "ema"):
+        _assert_equal(r0["straight"][key], r1["straight"][key], f"{key} rank0 vs rank1")
+        for rank in (r0, r1):
+            _assert_equal(rank["straight"][key], rank["resumed"][key], f"{key} straight vs resumed")
+    assert r0["calls"] == [2, 6, 2, 6] and r0["straight"]["metrics"] == r0["resumed"]["metrics"]
+    ckpt = load_checkpoint(tmp_path / "gen-straight" / "checkpoints" / "latest.pt")
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 6
+    log = [json.loads(line) for line in (tmp_path / "gen-straight" / "log.jsonl").read_text().splitlines()]
+    assert len([r for r in log if "loss" in r]) == 1  # one record per log step (rank 0 writes)
+
+    single = _generator_run(tmp_path / "single")
+    for name, w in single["model"].state_dict().items():
+        assert torch.allclose(r0["straight"]["model"][name], w, rtol=1e-4, atol=1e-5), f"2 ranks vs one process: {name}"
+
+    for rank in (r0, r1):  # every rank returns the stage's result.json
+        assert rank["stage"] == json.loads((tmp_path / "stage" / "result.json").read_text())
+    assert r0["stage"]["info"]["world_size"] == 2
+    assert {m["name"] for m in r0["stage"]["metrics"]} == {"gfid", "inception_score", "generator_train_time_s"}
