@@ -173,8 +173,8 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _geometry(self) -> "RunConfig":
-        # Imported here: the model module imports nothing from config, so no cycle.
-        from core.models.tokenizer import check_geometry
+        # torch-free (validating a sweep must not import the model code); imports nothing from config.
+        from core.models.geometry import check_geometry
 
         check_geometry(
             image_size=self.data.image_size,

@@ -15,18 +15,12 @@ Components (LightningDiT, Yao et al. 2025, on top of DiT, Peebles & Xie 2023):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class DiTSize:
-    width: int
-    depth: int
-    heads: int
+from core.models.geometry import DIT_SIZES, DiTSize  # noqa: F401 (registry re-exported; torch-free)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -241,14 +235,3 @@ class DiT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# Size registry. S/B/L/XL follow DiT (XL ≈ 675M parameters); micro/mini train in seconds on a CPU.
-DIT_SIZES: dict[str, DiTSize] = {
-    "micro": DiTSize(64, 4, 4),
-    "mini": DiTSize(128, 6, 4),
-    "S": DiTSize(384, 12, 6),
-    "B": DiTSize(768, 12, 12),
-    "L": DiTSize(1024, 24, 16),
-    "XL": DiTSize(1152, 28, 16),
-}

@@ -19,65 +19,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from core.models.blocks import FromLatent, ToLatent, compression, decompression
+from core.models.geometry import VIT_SIZES, ViTSize, check_geometry  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from core.config import ModelConfig
 
 
-@dataclass(frozen=True)
-class ViTSize:
-    width: int
-    depth: int
-    heads: int
-
-
-# Size registry. S/B/L follow ViT (paper Sec. 4); micro/mini train in seconds on a CPU.
-VIT_SIZES: dict[str, ViTSize] = {
-    "micro": ViTSize(48, 4, 3),
-    "mini": ViTSize(96, 6, 4),
-    "Ti": ViTSize(192, 12, 3),
-    "S": ViTSize(384, 12, 6),
-    "B": ViTSize(768, 12, 12),
-    "L": ViTSize(1024, 24, 16),
-}
-
-
-def check_geometry(
-    image_size: int,
-    patch_size: int,
-    encoder_size: str,
-    decoder_size: str,
-    split_depth: int | None,
-    latent_size: int,
-) -> None:
-    """Raise ValueError naming the parameter when the tokenizer cannot be built.
-
-    T = image/patch tokens per side; staged compression (k < depth) halves T;
-    the final bottleneck maps the T' grid to the h grid by pixel-shuffle merge
-    (T' = r·h) or split (h = r·T').
-    """
-    for name, size in (("encoder_size", encoder_size), ("decoder_size", decoder_size)):
-        if size not in VIT_SIZES:
-            raise ValueError(f"{name}={size!r} is not a known size; choose from {sorted(VIT_SIZES)}")
-    if patch_size <= 0 or image_size % patch_size:
-        raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}")
-    depth = VIT_SIZES[encoder_size].depth
-    k = depth if split_depth is None else split_depth
-    if not 0 <= k <= depth:
-        raise ValueError(f"split_depth={split_depth} must be in [0, {depth}] (encoder depth of {encoder_size!r})")
-    tokens = image_size // patch_size
-    if k < depth:
-        if tokens % 2:
-            raise ValueError(
-                f"split_depth={k} asks staged compression to halve an odd {tokens}x{tokens} token grid "
-                f"(image_size={image_size}, patch_size={patch_size})"
-            )
-        tokens //= 2
-    if latent_size <= 0 or (tokens % latent_size if tokens >= latent_size else latent_size % tokens):
-        raise ValueError(
-            f"latent_size={latent_size} cannot be matched to the {tokens}x{tokens} token grid "
-            f"(one side must divide the other)"
-        )
+# ViTSize, VIT_SIZES and check_geometry live in the torch-free core.models.geometry (config
+# validation needs them without torch); re-exported here.
 
 
 # ----------------------------------------------------------------------------- model

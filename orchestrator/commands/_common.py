@@ -5,7 +5,6 @@ import argparse
 import os
 
 from orchestrator.cli import UsageError, db_url
-from orchestrator.db.store import SchemaError, Store, sqlite_path
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -14,8 +13,10 @@ def runs_dir_default() -> str:
     return os.environ.get("ORCHESTRATE_RUNS") or DEFAULT_RUNS_DIR
 
 
-def open_existing(args: argparse.Namespace, readonly: bool = False) -> Store:
+def open_existing(args: argparse.Namespace, readonly: bool = False) -> "Store":
     """The store named by ``--db``; it must exist and be at the head revision (else exit 2)."""
+    from orchestrator.db.store import SchemaError, Store, sqlite_path  # lazy: parsing the CLI needs no SQLAlchemy
+
     url = db_url(args)
     path = sqlite_path(url)
     if path is not None and not path.is_file():

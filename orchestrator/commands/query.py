@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from orchestrator.cli import UsageError, db_url
 from orchestrator.commands._common import open_existing
+
+if TYPE_CHECKING:  # pandas is imported when a query runs, not when the CLI parses (0.5 s)
+    import pandas as pd
 
 NAME = "query"
 HELP = "print results as a table / CSV / JSON: one row per run, or a read-only SQL statement"
@@ -74,6 +76,7 @@ def _to_parquet(df: pd.DataFrame, target) -> None:
     except ImportError:
         raise UsageError("--format parquet needs pyarrow (pip install pyarrow); pandas alone cannot write "
                          "parquet") from None
+    import pandas as pd
     import pyarrow as pa
 
     df = df.copy()
