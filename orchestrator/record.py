@@ -45,6 +45,7 @@ def record_runs(session: Session, sweep: str, spec_yaml: str, runs: Mapping[str,
     sweep and gets this executor, these params and any stage it lacks.
     """
     sid = sweep_id(session, sweep, spec_yaml)
+    conn = session.connection()  # Core executemany: one statement per batch (ORM bulk inserts row by row)
     ids = run_ids(session, runs)
     new = [h for h in runs if h not in ids]
     if new:
@@ -52,7 +53,7 @@ def record_runs(session: Session, sweep: str, spec_yaml: str, runs: Mapping[str,
         base = sweep_bases(session.connection(), {sid: flats[new[0]]})[sid]
         now = utcnow()
         for part in _chunks(new):
-            session.execute(insert(Run), [dict(run_hash=h, sweep_id=sid, config=runs[h][0], status="pending",
+            conn.execute(insert(Run.__table__), [dict(run_hash=h, sweep_id=sid, config=runs[h][0], status="pending",
                                                config_delta=config_delta(flats[h], base), executor=executor,
                                                attempts=0, created_at=now) for h in part])
     old = [ids[h] for h in runs if h in ids]
@@ -63,14 +64,14 @@ def record_runs(session: Session, sweep: str, spec_yaml: str, runs: Mapping[str,
     for part in _chunks(old):
         session.execute(delete(Param).where(Param.run_id.in_(part)))
     for part in _chunks(params, 5000):
-        session.execute(insert(Param), part)
+        conn.execute(insert(Param.__table__), part)
     known = set()
     for part in _chunks(list(ids.values())):
         known.update(session.execute(select(RunStage.run_id, RunStage.stage).where(RunStage.run_id.in_(part))).all())
     missing = [dict(run_id=i, stage=st, status="pending") for i in ids.values() for st in stages
                if (i, st) not in known]
     for part in _chunks(missing, 5000):
-        session.execute(insert(RunStage), part)
+        conn.execute(insert(RunStage.__table__), part)
     return ids
 
 

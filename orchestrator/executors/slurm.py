@@ -86,7 +86,8 @@ class SlurmExecutor(Executor):
         import submitit
         from submitit.core.utils import FailedJobError
 
-        folder = sweep.runs_root / ".submitit"
+        runs_root = sweep.runs_root
+        folder = runs_root / ".submitit"
         ids: dict[tuple[str, str], str] = {}
         for arr in plan.arrays:
             name = job_name(sweep.name, arr.stage, submission, arr.index)
@@ -97,7 +98,7 @@ class SlurmExecutor(Executor):
             try:
                 # submitit prints sbatch's stderr itself before raising: keep it for our one line
                 with contextlib.redirect_stderr(io.StringIO()), ex.batch():
-                    jobs = [ex.submit(StageTask(arr.stage, str(sweep.runs_root / h))) for h in arr.runs]
+                    jobs = [ex.submit(StageTask(arr.stage, str(runs_root / h))) for h in arr.runs]
             except FailedJobError as e:
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
                 errs = [ln.removeprefix("sbatch: error:").strip() for ln in lines if ln.startswith("sbatch: error")]
