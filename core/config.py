@@ -148,7 +148,7 @@ class GeneratorConfig(Section):
     enabled: bool = True
     size: str = "micro"  # key of core.models.dit.DIT_SIZES
     steps: int = 300
-    batch_size: int = 64
+    batch_size: int = 64  # global batch, split over the stage's ranks (data.batch_size is per process)
     lr: float = 2e-4
     ema: float = 0.9995
     class_dropout: float = 0.1

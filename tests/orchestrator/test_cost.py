@@ -77,7 +77,7 @@ def test_dry_run_prints_estimate_beside_the_slurm_request(tmp_path, capsys):
 
     assert main(["submit", "sweeps/token_scaling.yaml", "--dry-run", "--json", "--db", url]) == 0
     rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["cost"]}
-    assert set(rows) == {"tokenizer", "evaluate", "generator"} and rows["tokenizer"]["runs"] == 120
+    assert set(rows) == {"tokenizer", "finetune", "evaluate", "generator"} and rows["tokenizer"]["runs"] == 120
     # the tokenizer row = sum over runs of 3 x fwd FLOPs x steps x global batch (+ SSL), at 0.35 x 989 TFLOP/s
     sweep = load_sweep("sweeps/token_scaling.yaml")
     total = sum(cost.stage_flops("tokenizer", r.config, world=8) for r in sweep.runs)
