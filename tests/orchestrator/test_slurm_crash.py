@@ -2,10 +2,12 @@
 sbatch refused on the second stage, then a re-submission queues exactly what is missing."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -112,3 +114,40 @@ def test_sbatch_refused_on_second_stage_is_one_line_and_fix_queues_only_it(slurm
     assert fixed.returncode == 0, err
     assert {s: len(ids) for s, ids in slurm_jobs(name).items()} == {"selftest": 2, "echo": 2}
     assert {j["stage"] for j in yaml.safe_load(out)["job_ids"]} == {"echo"}
+
+
+def test_second_slurm_job_on_a_running_stage_refuses_and_changes_nothing(slurm_cluster, tmp_path):
+    import submitit
+
+    from orchestrator.stages import StageTask
+    from orchestrator.submit import open_store, submit_sweep, wait_for_sweep
+    from orchestrator.sweep import load_sweep
+
+    name = f"lock{uuid.uuid4().hex[:8]}"
+    doc = {"name": name, "base": {"data": {"image_size": 32}, "train": {"steps": 40, "ckpt_every": 5}},
+           "executor": "slurm", "runs_dir": str(tmp_path / "runs"),
+           "stages": {"selftest": {"needs": [], "params": {"step_s": 0.2},
+                                   "resources": {"cpus": 1, "mem_gb": 0.25, "time_min": 60, "partition": slurm_cluster}}}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    sweep = load_sweep(path)
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    submit_sweep(store, sweep)
+    root = sweep.runs_root / sweep.runs[0].run_hash
+    progress = root / "selftest" / "progress.txt"
+    t0 = time.time()
+    while not (progress.exists() and int(progress.read_text() or 0) >= 2):
+        assert time.time() - t0 < 120, "the first job did not start"
+        time.sleep(0.2)
+    # someone submits the same stage of the same run directory again, by hand
+    ex = submitit.SlurmExecutor(folder=tmp_path / "dup" / "%j")
+    ex.update_parameters(time=10, cpus_per_task=1, mem="256MB", partition=slurm_cluster)
+    dup = ex.submit(StageTask("selftest", str(root)))
+    with pytest.raises(submitit.core.utils.FailedJobError, match="locked by pid"):
+        dup.result()
+    wait_for_sweep(store, name, poll_s=1, timeout_s=150)
+    assert [f.name for f in sorted((root / "results").glob("*.json"))] == ["selftest.attempt1.json"]
+    res = json.loads((root / "results" / "selftest.attempt1.json").read_text())
+    assert res["status"] == "finished" and res["info"]["starts"] == [0]
+    (st,) = [s for r in store.runs(sweep=name) for s in r.stages]
+    assert st.status == "finished"
