@@ -24,8 +24,39 @@ def db_url(args: argparse.Namespace) -> str:
     return getattr(args, "db", None) or os.environ.get("ORCHESTRATE_DB") or DEFAULT_DB
 
 
+def version_string() -> str:
+    """``orchestrate <package version> (git <describe>)``; "unknown" outside a git checkout."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("tcae-scaling")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--tags"],
+                             capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "unknown"
+    return f"orchestrate {pkg} (git {commit})"
+
+
+class _Version(argparse.Action):
+    """``--version``, computed only when asked (it runs git)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help="print the package version and git commit, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_string())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
