@@ -113,3 +113,30 @@ def test_checkpoint_from_another_backbone_is_rejected():
     state["backbone"] = "dino-vits8"
     with pytest.raises(ValueError, match="finetune.dino_weights"):
         obj.load_state_dict(state)
+
+
+def test_table7_recipe_in_epochs_is_converted_from_dataset_size_and_global_batch():
+    from core.config import finetune_phase
+    from core.finetune import resolve_epochs
+
+    phase = finetune_phase(load_config(None, {"data.image_size": 32, "model.patch_size": 4, "model.latent_size": 4}),
+                           "/runs/x/tokenizer")
+    assert phase.finetune.epochs == 16 and phase.loss.ssl == 0.0 and phase.loss.adversarial == 0.75
+    assert (phase.optim.lr, phase.optim.min_lr, phase.optim.weight_decay) == (2e-4, 2e-5, 0.0)
+    # ImageNet-1k train split on 8 GPUs: 1,281,167 // 256 = 5004 steps per epoch
+    cfg, schedule = resolve_epochs(phase, 1_281_167, world_size=8)
+    assert schedule == {"steps_per_epoch": 5004, "global_batch": 256, "epochs": 16, "steps": 16 * 5004,
+                        "warmup_steps": 5004, "disc_start_step": 6 * 5004, "adv_start_step": 8 * 5004}
+    assert cfg.data.batch_size == 32 and cfg.train.steps == 80064 and cfg.optim.warmup_steps == 5004
+    assert (cfg.finetune.disc_start_step, cfg.finetune.adv_start_step) == (30024, 40032)
+    # the same global batch on one GPU: the same steps, 256 images per step
+    one, _ = resolve_epochs(phase, 1_281_167, world_size=1)
+    assert one.data.batch_size == 256 and one.train.steps == 80064
+    with pytest.raises(ValueError, match="finetune.batch_size=256"):
+        resolve_epochs(phase, 1_281_167, world_size=3)
+    with pytest.raises(ValueError, match="only 100 images"):
+        resolve_epochs(phase, 100, world_size=1)
+    # an explicit finetune.steps selects the step recipe: nothing is converted
+    steps = finetune_phase(load_config(None, {"data.image_size": 32, "model.patch_size": 4, "model.latent_size": 4,
+                                              "finetune.steps": 7}), "/x")
+    assert steps.finetune.epochs is None and resolve_epochs(steps, 1000, 1) == (steps, {})

@@ -193,3 +193,23 @@ def test_loader_workers_do_not_change_training(tiny_config, tmp_path):
         train(tiny_config(**{"train.steps": 3, "data.num_workers": workers}), tmp_path / str(workers))
         runs[workers] = load_checkpoint(tmp_path / str(workers) / "checkpoints" / "latest.pt")["model"]
     assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_random_hflip_is_per_image_per_step_and_rank_rows_of_the_global_batch():
+    from core.trainer.distributed import DistInfo
+    from core.trainer.loop import random_hflip
+
+    x = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = random_hflip(x, seed=0, step=3, dist_info=DistInfo())
+    flipped = [torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)]
+    assert all(f or torch.equal(o, xi) for f, o, xi in zip(flipped, out, x)) and 0 < sum(flipped) < 8
+    assert torch.equal(out, random_hflip(x, seed=0, step=3, dist_info=DistInfo()))  # a function of (seed, step)
+    assert not torch.equal(out, random_hflip(x, seed=0, step=4, dist_info=DistInfo()))
+    for r in range(2):  # rank r of 2 flips its rows r, r + 2, ... exactly as one process flips them
+        assert torch.equal(random_hflip(x[r::2], 0, 3, DistInfo(rank=r, world_size=2)), out[r::2])
+
+
+def test_non_finite_loss_stops_the_run_at_the_next_log_step(tiny_config, tmp_path):
+    cfg = tiny_config(**{"optim.lr": 1e30, "optim.warmup_steps": 0, "train.log_every": 2, "optim.grad_clip": 0.0})
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(cfg, tmp_path)
