@@ -1,14 +1,15 @@
 """What the database says vs. what really happened: journals, refresh, cancel, wait.
 
 A submission first writes a journal ``{runs_root}/.submissions/sub-{id}.json`` (executor, owner
-pid/host/start time, every array it is about to hand over with its job name and runs), then
-marks each array queued right after the executor accepted it, and deletes the journal when
-done.  :func:`reconcile` (run by every ``submit`` and ``status``) settles the journals of
-submissions whose process is gone:
+pid/host/start time, every array it is about to hand over with its job name and runs; one
+fsync), then marks each array queued right after the executor accepted it, and deletes the
+journal when done.  :func:`reconcile` (run by every ``submit`` and ``status``) settles the
+journals of submissions whose process is gone:
 
-* Slurm: an array never marked queued is looked up by its job name (``squeue`` + ``sacct``);
-  found -> its stages are marked queued with the real job ids; not found -> it was never
-  submitted, its stages stay ``pending`` and the next ``submit`` queues exactly them;
+* Slurm: the journal's arrays are looked up by job name (one ``squeue`` + one ``sacct``);
+  found -> stages still ``pending`` are marked queued with the real job ids (the crash came
+  between sbatch and the database write); not found -> never submitted, the stages stay
+  ``pending`` and the next ``submit`` queues exactly them;
 * local/debug: the orchestrator's stage processes died with it (``PR_SET_PDEATHSIG``); its
   stages still queued/running whose stage lock nobody holds go back to ``pending``.
 
@@ -57,15 +58,11 @@ class Journal:
         self.id = uuid.uuid4().hex[:10]
         self.path = runs_root / JOURNALS / f"sub-{self.id}.json"
         self.data = {"id": self.id, "executor": executor, "host": socket.gethostname(), "pid": os.getpid(),
-                     "pid_start": _proc_start(os.getpid()), "created": time.time(), "arrays": [], "recorded": []}
+                     "pid_start": _proc_start(os.getpid()), "created": time.time(), "arrays": []}
 
     def write(self, arrays: list[dict]) -> None:
         """Record the arrays about to be handed over: ``{index, stage, name, runs}`` each."""
         self.data["arrays"] = arrays
-        write_json_atomic(self.path, self.data)
-
-    def recorded(self, index: int) -> None:
-        self.data["recorded"].append(index)
         write_json_atomic(self.path, self.data)
 
     def close(self) -> None:
@@ -88,7 +85,7 @@ def reconcile(store: Store, runs_root: Path) -> list[str]:
             continue  # being written right now (atomic rename) or unreadable: next time
         if owner_alive(data):
             continue
-        todo = [a for a in data["arrays"] if a["index"] not in data["recorded"]]
+        todo = data["arrays"]  # marking is idempotent: stages already queued are left alone
         if data["executor"] == "slurm":
             found = slurm.jobs_named([a["name"] for a in todo]) if todo else {}
             items = []
@@ -101,7 +98,7 @@ def reconcile(store: Store, runs_root: Path) -> list[str]:
             with store.session() as s:
                 n = mark_queued(s, runs_root, items, only_if=("pending",))
             done.append(f"submission {data['id']}: {len(found)} array(s) found in Slurm by name "
-                        f"({n} stages marked queued), {len(todo) - len(found)} never submitted")
+                        f"({n} stages newly marked queued), {len(todo) - len(found)} never submitted")
         else:
             lost = {}
             with store.session() as s:

@@ -262,11 +262,11 @@ def _submit(store: Store, sweep: Sweep, ex: executors.Executor, plan: Plan, info
     journal.write([{"index": a.index, "stage": a.stage, "runs": a.runs,
                     "name": job_name(sweep.name, a.stage, journal.id, a.index)} for a in plan.arrays])
 
+    runs_root = sweep.runs_root
+
     def on_queued(arr, ids: dict[str, str]) -> None:
         with store.session() as s:
-            mark_queued(s, sweep.runs_root, [(h, arr.stage, ids.get(h)) for h in arr.runs])
-        if not ex.blocking:
-            journal.recorded(arr.index)
+            mark_queued(s, runs_root, [(h, arr.stage, ids.get(h)) for h in arr.runs])
 
     try:
         out = ex.submit(sweep, plan, on_queued, external, journal.id)
