@@ -12,7 +12,9 @@ forward.  Counted per stage:
 * ``tokenizer`` / ``finetune``: tokenizer fwd+bwd × steps × global batch (per-process batch
   × GPUs; these stages run one rank per GPU), plus the LPIPS VGG16 (when ``loss.lpips_weights``
   is set; the substitute network is not counted), the SSL multi-crop student/teacher passes
-  and heads, and (finetune) the encoder forward and the discriminator backbone;
+  and heads, and (finetune: epochs × train split, or steps × global batch) the encoder
+  forward and the frozen discriminator backbone (its D step and the generator's adversarial
+  term, from their start epochs);
 * ``evaluate``: reconstructions, Inception features of real and reconstructed images
   (``fid_backbone: inception``), LPIPS, probe features;
 * ``generator``: encoding the train split, DiT fwd+bwd × steps × batch, sampling (steps ×
@@ -175,11 +177,32 @@ def _ssl_flops(cfg: "RunConfig") -> int:
     return 3 * (2 * glob + s.local_crops * loc) + 2 * glob
 
 
-def _disc_flops(cfg: "RunConfig") -> int:
-    """ViT-S/8 discriminator backbone at ``finetune.disc_image_size``: D update (real + fake,
-    fwd+bwd) and G update (fwd+bwd through D) ≈ 9 forwards per image."""
+def _disc_forward(cfg: "RunConfig") -> int:
+    """One forward of the frozen ViT-S/8 discriminator backbone at ``finetune.disc_image_size``."""
     n = (cfg.finetune.disc_image_size // 8) ** 2 + 1
-    return 9 * (12 * _block(n, 384) + 2 * (n - 1) * 384 * 3 * 64)
+    return 12 * _block(n, 384) + 2 * (n - 1) * 384 * 3 * 64
+
+
+def _train_images(cfg: "RunConfig") -> int:
+    return cfg.data.train_size if cfg.data.name == "synthetic" else IMAGENET_TRAIN
+
+
+def _finetune_flops(cfg: "RunConfig", tok: dict[str, int], lpips: int, world: int) -> float:
+    """Decoder fine-tuning: images = epochs x train split (or steps x global batch); per image
+    encoder fwd + decoder fwd+bwd (+ LPIPS); from the discriminator's start, its D step (real
+    + fake forwards of the frozen backbone) and from the adversarial start, the G term's
+    forward + backward through the backbone to the image (≈ 2 forwards)."""
+    ft = cfg.finetune
+    if ft.steps is None and ft.epochs:
+        images, start_d, start_g = ft.epochs * _train_images(cfg), ft.disc_start_epoch, ft.adv_start_epoch
+        length = ft.epochs
+    else:
+        steps = ft.steps or cfg.train.steps
+        images = steps * (ft.batch_size or cfg.data.batch_size * world)
+        start_d, start_g, length = ft.disc_start_step, ft.adv_start_step, steps
+    frac_d, frac_g = (max(0.0, 1 - start / length) for start in (start_d, start_g))
+    per_image = tok["encoder"] + 3 * tok["decoder"] + lpips + _disc_forward(cfg) * (2 * frac_d + 2 * frac_g)
+    return float(per_image) * images
 
 
 def stage_flops(stage: str, cfg: "RunConfig", world: int = 1) -> float | None:
@@ -192,9 +215,7 @@ def stage_flops(stage: str, cfg: "RunConfig", world: int = 1) -> float | None:
         per_image = 3 * tok["total"] + lpips + _ssl_flops(cfg)
         return float(per_image) * cfg.train.steps * cfg.data.batch_size * world
     if stage == "finetune":
-        steps = cfg.finetune.steps or cfg.train.steps
-        per_image = tok["encoder"] + 3 * tok["decoder"] + lpips + _disc_flops(cfg)
-        return float(per_image) * steps * cfg.data.batch_size * world
+        return _finetune_flops(cfg, tok, lpips, world)
     if stage == "evaluate":
         e = cfg.eval
         lp = 2 * vgg16_flops(cfg.data.image_size) if cfg.loss.lpips_weights else 0
@@ -203,7 +224,7 @@ def stage_flops(stage: str, cfg: "RunConfig", world: int = 1) -> float | None:
         g = cfg.generator
         if not g.enabled:
             return 0.0
-        train_images = cfg.data.train_size if cfg.data.name == "synthetic" else IMAGENET_TRAIN
+        train_images = _train_images(cfg)
         dit = dit_flops(cfg)
         per_sample = g.sample_steps * dit * (2 if g.sampler == "heun" else 1) * (1 if g.cfg_scale == 1.0 else 2)
         evals = len(set(g.eval_at) | {g.steps})
@@ -285,7 +306,7 @@ def describe(costs: list[StageCost], spec: "SweepFile") -> str:
     head = (f"cost estimate (FLOPs = 2·MACs, fwd+bwd = 3x fwd; GPU stages at {cs.mfu:g} MFU of "
             f"{cs.gpu_peak_tflops:g} TFLOP/s per GPU [dense bf16, NVIDIA H100/H200 SXM datasheet], "
             f"CPU stages at {cs.cpu_gflops_per_core:g} GFLOP/s per core; sweep key `cost:`):")
-    table = tabulate(rows, headers=["stage", "runs", "PFLOP/run", "PFLOP total", "est. h/run (wall)",
+    table = tabulate(rows, headers=["stage", "runs", "PFLOP/run", "PFLOP total", "longest run (wall h)",
                                     "estimated", "requested (units x limit x runs)", "notes"], tablefmt="simple")
     total = (f"sweep total: {sum(c.flops for c in costs) / 1e15:.4g} PFLOP, estimated {gpu:.4g} GPU-h"
              f" (requested {req_gpu:.4g} GPU-h)" + (f" + {cpu:.4g} CPU core-h" if cpu else ""))

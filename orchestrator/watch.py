@@ -308,26 +308,6 @@ class View:
                 self._live = None
 
 
-def watch(store, sweep: str, refresh: Callable | None = None, view: View | None = None, interval: float = 2.0,
-          stop: threading.Event | None = None, runs_root: str | Path | None = None) -> Snapshot:
-    """Refresh (optional) + snapshot + show every ``interval`` s until nothing is active (or
-    ``stop`` is set); returns the last snapshot.  Ctrl-C propagates to the caller."""
-    view = view or View()
-    watcher = Watcher(store, sweep, runs_root)
-    try:
-        while True:
-            if refresh is not None:
-                refresh()
-            snap = watcher.snapshot()
-            view.show(snap)
-            if not snap.active or (stop is not None and stop.wait(interval)):
-                return snap
-            if stop is None:
-                time.sleep(interval)
-    finally:
-        view.stop()
-
-
 class Background:
     """A read-only watcher thread beside a blocking call (``submit --wait``): ``with
     Background(url, sweep): submit_sweep(...)``.  Its own Store (connection)."""
@@ -342,7 +322,7 @@ class Background:
     def _run(self) -> None:
         from orchestrator.db.store import Store
 
-        store = Store(self.url, readonly=True)
+        store = Store(self.url)  # reads only; not readonly=True: a PostgreSQL reader role may not exist
         try:
             watcher = Watcher(store, self.sweep, self.runs_root)
             while True:
@@ -488,16 +468,21 @@ def watch_status(store, sweep: str | None, names: list[str], refresh: Callable |
             raise UsageError(f"--watch needs a SWEEP when the database holds {len(names)} sweeps (known: {names})")
         sweep = names[0]
 
-    def do_refresh() -> None:
-        if refresh is not None:
-            refresh(store, sweep)
-            record_actual(store, sweep)
-
+    view, watcher = View(console), Watcher(store, sweep)
     try:
-        snap = watch(store, sweep, refresh=do_refresh, view=View(console), interval=interval)
+        while True:
+            if refresh is not None:
+                refresh(store, sweep)
+                record_actual(store, sweep)
+            snap = watcher.snapshot()
+            view.show(snap)
+            if not snap.active:
+                break
+            time.sleep(interval)
     except KeyboardInterrupt:
         print(f"stopped watching sweep {sweep}; its jobs keep running", file=sys.stderr)
         return 130
     finally:
+        view.stop()
         store.dispose()
     return 1 if any(c.get("failed") for c in snap.counts.values()) else 0
