@@ -97,7 +97,7 @@ def use_compile(train_cfg, device: torch.device) -> bool:
     return device.type == "cuda" if train_cfg.compile is None else bool(train_cfg.compile)
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """``torch.compile`` every transformer block of ``model`` in place; returns how many.
 
     Compiling blocks (not the whole model) covers every entry the objectives use
@@ -110,7 +110,7 @@ def compile_blocks(model: nn.Module) -> int:
 
     blocks = [m for m in model.modules() if isinstance(m, (Block, DiTBlock))]
     for m in blocks:
-        m.compile()
+        m.compile(**compile_kwargs)  # e.g. backend="aot_eager" (CPU tests)
     return len(blocks)
 
 
