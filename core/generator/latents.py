@@ -162,7 +162,7 @@ def cache_latents(tokenizer, dataset, directory: str | Path, batch_size: int = 6
         def batches():
             for x, y in loader:
                 bar.update(len(x))
-                labels.append(np.asarray(y, dtype=np.int64))
+                labels.append(np.array(y, dtype=np.int64))  # a copy: holding y itself grew RSS per batch
                 yield tokenizer.encode(x.to(device)).float().cpu().numpy()
 
         total, total_sq = _write_shard(directory / f"shard_{k:05d}.npy", batches(), count, shape)
