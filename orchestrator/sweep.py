@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.config import ConfigError, RunConfig, config_hash, load_config
 from orchestrator.cost import CostSpec
-from orchestrator.sweep_checks import (YAMLBombError, control_char_errors, grid_size, load_yaml_bounded,
-                                       stage_input_errors)
+from orchestrator.sweep_checks import (YAMLBombError, control_char_errors, grid_size, has_control_char,
+                                       load_yaml_bounded, stage_input_errors)
 
 EXECUTORS = ("slurm", "local", "debug")
 _OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # an sbatch long option name
@@ -336,6 +336,9 @@ def build_sweep(spec: SweepFile, path: Path) -> Sweep:
     if not errors:
         errors += stage_input_errors({k: list(v.needs) for k, v in spec.stages.items()}, origin)
     check_grid(spec, origin, errors)
+    root = str(Sweep(path=path, spec=spec, stage_order=[]).runs_root)
+    if has_control_char(root):  # e.g. a folder name with a newline: the path reaches sbatch's --output
+        errors.append(f"{origin}: key 'runs_dir': resolves to {root!r}, which holds a control character")
     n = grid_size(spec.axes, spec.zip, spec.seeds)
     if n > spec.max_runs:
         errors.append(f"{origin}: key 'max_runs': the grid has {n:,} points, more than max_runs={spec.max_runs:,} "

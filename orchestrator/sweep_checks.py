@@ -95,6 +95,10 @@ def load_yaml_bounded(text: str, max_nodes: int = MAX_NODES) -> Any:
         loader.dispose()
 
 
+def has_control_char(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
 def control_char_errors(raw: Any, origin: str) -> list[str]:
     """One error per key or string value of the parsed file holding a control character."""
     errors: list[str] = []

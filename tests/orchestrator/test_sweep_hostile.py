@@ -110,6 +110,13 @@ def test_control_characters_are_refused_everywhere(tmp_path, fields, key):
     assert any(f"key '{key}'" in e and "control character" in e for e in errs), errs
 
 
+def test_a_runs_root_with_a_control_character_is_refused(tmp_path):
+    folder = tmp_path / "lab\nname"
+    folder.mkdir()
+    errs = errors_of(write(folder))  # runs_dir "runs" relative to a folder whose name holds a newline
+    assert any("key 'runs_dir'" in e and "control character" in e for e in errs), errs
+
+
 def test_sbatch_option_names_are_plain(tmp_path):
     errs = errors_of(write(tmp_path, stages={"selftest": {"resources": {"extra": {"x --qos": "high"}}}}))
     assert any("key 'stages.selftest.resources.extra'" in e and "option names" in e for e in errs), errs
