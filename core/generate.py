@@ -171,7 +171,7 @@ def _generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: Path, stop_at_
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
     backbone = resolve_backbone(cfg.eval)
     features = FidelityFeatures(backbone, cfg.eval.inception_weights, isc=True, device=device.type)
-    reference: dict = {}  # the gFID reference statistics, computed at the first evaluation
+    reference: dict = {}  # the gFID reference: name (recorded in info), statistics
     if cfg.eval.fid_reference:
         # Loaded (and its width checked against the backbone) before any training, so a wrong
         # file fails in seconds, not after latent caching and training.
@@ -179,6 +179,13 @@ def _generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: Path, stop_at_
         reference["stats"], reference["name"] = load_reference_statistics(cfg.eval.fid_reference, dim)
         reference["num_real"] = None
     train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    if not reference:  # described now (labels only), statistics computed at the first evaluation
+        n_real = min(gen.num_samples, len(val_set))
+        reference["subset"] = subset_info(dataset_labels(val_set), balanced_subset(dataset_labels(val_set), n_real,
+                                                                                    cfg.eval.subset_seed),
+                                          cfg.eval.subset_seed)
+        reference["name"] = f"balanced-val-subset:{n_real}:seed={cfg.eval.subset_seed}"
+        reference["num_real"] = n_real
     num_classes = train_set.num_classes
     latents = cache_latents(tokenizer, train_set, out_dir / "latents_train", cfg.eval.batch_size, device,
                             num_workers=cfg.data.num_workers, rank=dist_info.rank, world_size=dist_info.world_size)
@@ -191,11 +198,9 @@ def _generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: Path, stop_at_
     def evaluate(ema, step: int) -> list[dict]:
         if not dist_info.is_main:  # rank 0 evaluates; the rows it returns are what its checkpoint keeps
             return []
-        if not reference:
-            reference["stats"], info = real_statistics(val_set, gen.num_samples, cfg.eval.subset_seed, features,
-                                                       cfg.eval.batch_size, cfg.data.num_workers)
-            reference["name"] = f"balanced-val-subset:{info['size']}:seed={info['seed']}"
-            reference["num_real"], reference["subset"] = info["size"], info
+        if "stats" not in reference:
+            reference["stats"], _ = real_statistics(val_set, gen.num_samples, cfg.eval.subset_seed, features,
+                                                    cfg.eval.batch_size, cfg.data.num_workers)
         fake_stats, logits, first = FeatureStatistics(), [], []
         for images in sample_images(ema, tokenizer, stats, gen.num_samples, num_classes, latent_shape, gen, shift,
                                     seed + step, cfg.eval.batch_size, device):
