@@ -82,6 +82,8 @@ class FinetuneObjective:
         self.disc = Discriminator(cfg.dino_weights, cfg.disc_image_size).to(tok.decoder_last_layer.device)
         self.opt = torch.optim.AdamW(self.disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.9, 0.95),
                                      weight_decay=0.0)
+        # D's gradients averaged over ranks during its backward (every head is used on every rank)
+        self.disc_sync = D.GradientSync(list(self.disc.heads.parameters()), self.info) if self.info.enabled else None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_d_loss: torch.Tensor | None = None  # hinge loss of the latest D step, logged next step
 
@@ -138,8 +140,11 @@ class FinetuneObjective:
         d_loss = hinge_d_loss(self.disc(self._augment(real, step, _REAL_D)),
                               self.disc(self._augment(fake, step, _FAKE_D)))
         self.opt.zero_grad(set_to_none=True)
+        if self.disc_sync is not None:
+            self.disc_sync.start()
         d_loss.backward()
-        D.average_gradients(self.disc.heads.parameters(), self.info)  # identical D on every rank
+        if self.disc_sync is not None:
+            self.disc_sync.finish()  # identical D (weights and AdamW state) on every rank
         self.opt.step()
         self.last_d_loss = self._rank_mean(d_loss.detach())  # the same on every rank (it is checkpointed)
 

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from core.seed import BatchRNG, as_batch_rng, step_generator
 
-_LUMA = (0.299, 0.587, 0.114)
+_LUMA = torch.tensor((0.299, 0.587, 0.114))
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)  # once, on the CPU (on a GPU, inv checks its result: a sync)
 RNG = "torch.Generator | BatchRNG"
 
 __all__ = ["MultiCrop", "local_crop_size", "step_generator", "resized_crops", "color_jitter", "random_grayscale",
@@ -71,8 +73,13 @@ def resized_crops(images: torch.Tensor, size: int, scale: tuple[float, float], g
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> luminance (B, 1, H, W)."""
-    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = _const(_LUMA, x).view(1, 3, 1, 1)
     return (x * w).sum(dim=1, keepdim=True)
+
+
+def _const(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A CPU constant on ``x``'s device and dtype (asynchronous copy: no sync)."""
+    return c.to(device=x.device, dtype=x.dtype, non_blocking=True)
 
 
 def _per_image(v: torch.Tensor) -> torch.Tensor:
@@ -93,13 +100,11 @@ def color_jitter(x: torch.Tensor, g: RNG, p: float = 0.8,
     gray = _gray(y)
     y = ((y - gray) * fs + gray).clamp(0, 1)
     # hue: rotate the chroma (I, Q) plane of YIQ by the angle
-    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                           device=device, dtype=x.dtype)
-    yiq = torch.einsum("ij,bjhw->bihw", rgb2yiq, y)
+    yiq = torch.einsum("ij,bjhw->bihw", _const(_RGB2YIQ, x), y)
     cos, sin = torch.cos(angle)[:, 0], torch.sin(angle)[:, 0]  # (B, 1, 1)
     i, q = yiq[:, 1] * cos - yiq[:, 2] * sin, yiq[:, 1] * sin + yiq[:, 2] * cos
     yiq = torch.stack([yiq[:, 0], i, q], dim=1)
-    y = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(rgb2yiq), yiq).clamp(0, 1)
+    y = torch.einsum("ij,bjhw->bihw", _const(_YIQ2RGB, x), yiq).clamp(0, 1)
     return torch.where(apply, y, x)
 
 

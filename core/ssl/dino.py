@@ -27,7 +27,8 @@ def teacher_temperature(step: int, warmup_temp: float, temp: float, warmup_steps
 def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float) -> None:
     """EMA of the teacher output's batch mean over all dims but the last (all-reduced when distributed)."""
     batch_sum = teacher_out.reshape(-1, teacher_out.shape[-1]).sum(dim=0, keepdim=True)
-    count = torch.tensor(float(teacher_out.numel() // teacher_out.shape[-1]), device=center.device)
+    # a fill kernel, not a host-to-device copy (which would sync the GPU every step)
+    count = torch.full((), float(teacher_out.numel() // teacher_out.shape[-1]), device=center.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(batch_sum)
         dist.all_reduce(count)

@@ -30,7 +30,7 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 def sinkhorn_knopp(teacher_out: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
     """(B, K) teacher logits -> (B, K) soft assignments with equal mass per prototype."""
     q = torch.exp(teacher_out.float() / temp).t()  # (K, B)
-    n = torch.tensor(float(q.shape[1]), device=q.device)
+    n = torch.full((), float(q.shape[1]), device=q.device)  # a fill kernel: no host-to-device copy
     _all_reduce(n)
     K = q.shape[0]
     q /= _all_reduce(q.sum())

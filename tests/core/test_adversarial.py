@@ -118,3 +118,18 @@ def test_diffaug_ranks_draw_their_rows_of_the_global_batch():
     same = x[:4]
     assert not torch.allclose(diff_augment(same, BatchRNG(step_generator(0, 4, 10), 0, 2)),
                               diff_augment(same, BatchRNG(step_generator(0, 4, 10), 1, 2)))
+
+
+def test_adversarial_module_holds_loss_functions_only():
+    """No import circle: core.losses.adversarial imports neither the objective nor the trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, core.losses.adversarial; "
+            "bad = [m for m in ('core.finetune', 'core.trainer', 'core.trainer.objective') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import core.losses.adversarial as adv
+    from core.finetune import FinetuneObjective, build_objective
+
+    assert not hasattr(adv, "build_objective") and callable(build_objective) and FinetuneObjective
