@@ -25,9 +25,9 @@ FINAL_STATES = {"COMPLETED": "finished", "FAILED": "failed", "CANCELLED": "cance
                 "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed",
                 "PREEMPTED": "failed", "SPECIAL_EXIT": "failed", "REVOKED": "cancelled"}
 # sbatch error text -> the option the user must fix (first match wins)
-_REFUSALS = (("partition", "partition"), ("gres", "gpus"), ("generic resource", "gpus"), ("account", "account"),
-             ("qos", "qos"), ("time limit", "time_min"), ("memory", "mem_gb"), ("dependency", "dependency"),
-             ("cpu", "cpus"), ("node", "partition"))
+_REFUSALS = (("account", "account"), ("qos", "qos"), ("gres", "gpus"), ("generic resource", "gpus"),
+             ("partition", "partition"), ("time limit", "time_min"), ("memory", "mem_gb"), ("dependency", "dependency"),
+             ("cpu", "cpus"), ("node configuration", "cpus/mem_gb/gpus"))
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default when the config cannot be read
 
 
@@ -153,7 +153,10 @@ def jobs_named(names: list[str], since: str = "now-7days") -> dict[str, str]:
     return out
 
 
-def refusal(message: str) -> str:
-    """The sweep-file option an ``sbatch: error: ...`` message is about (``"option"`` if unknown)."""
+def refusal(message: str) -> str | None:
+    """The sweep-file option an ``sbatch: error: ...`` message is about (``"option"`` if unknown;
+    None when the controller was only busy: "temporarily unable", "Resource temporarily unavailable")."""
     low = message.lower()
+    if "temporarily" in low:
+        return None
     return next((opt for word, opt in _REFUSALS if word in low), "option")

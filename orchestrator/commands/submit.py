@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 from orchestrator.cli import UsageError, db_url
@@ -39,12 +40,18 @@ def existing_store(url: str):
     return store if store.current_revision() is not None else None
 
 
-def print_result(result, as_json: bool, dry_run: bool) -> None:
+def print_result(result, as_json: bool, dry_run: bool, sweep=None) -> None:
+    from orchestrator import cost
+
+    costs = cost.estimate(result.plan, sweep.spec) if dry_run and sweep is not None else None
     if as_json:
-        print(json.dumps(result.to_dict(), indent=1, default=str))
+        print(json.dumps({**result.to_dict(), **({"cost": cost.to_dict(costs)} if costs is not None else {})},
+                         indent=1, default=str))
         return
     print(result.plan.describe())
     if dry_run:
+        if costs:
+            print(cost.describe(costs, sweep.spec))
         print("dry run: nothing submitted")
         return
     for arr in result.plan.arrays:
@@ -74,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     store = existing_store(url) if args.dry_run else open_store(url)
     return submit_and_report(lambda: submit_sweep(store, sweep, executor=args.executor, dry_run=args.dry_run,
-                                                  wait=args.wait, timeout_s=args.timeout), args)
+                                                  wait=args.wait, timeout_s=args.timeout), args, sweep)
 
 
-def submit_and_report(submit, args: argparse.Namespace) -> int:
+def submit_and_report(submit, args: argparse.Namespace, sweep=None) -> int:
     """Run ``submit()`` and print its result; an sbatch refusal is one line and exit 2, a
     ``--wait`` that ran past ``--timeout`` exit 1 (shared by submit and retry)."""
     import sys
@@ -87,12 +94,21 @@ def submit_and_report(submit, args: argparse.Namespace) -> int:
     if args.timeout is not None and not args.wait:
         raise UsageError("--timeout needs --wait")
     try:
-        result = submit()
+        from orchestrator.watch import submit_progress
+
+        live = sweep is not None and not args.json and not args.dry_run
+        with submit_progress(db_url(args), sweep, args.executor or sweep.spec.executor, args.wait, live) \
+                if live else contextlib.nullcontext():
+            result = submit()
     except SubmissionRefused as e:
+        if e.transient:
+            print(f"orchestrate: {args.sweep}: {e}; submit again (arrays already queued are not submitted twice)",
+                  file=sys.stderr)
+            return 1
         raise UsageError(f"{args.sweep}: {e} (fix the stage's resources in the sweep file and submit again; "
                          f"arrays already queued are not submitted twice)") from None
     except TimeoutError as e:
         print(f"orchestrate: {e}; the jobs keep running (`orchestrate status`)", file=sys.stderr)
         return 1
-    print_result(result, args.json, args.dry_run)
+    print_result(result, args.json, args.dry_run, sweep)
     return 1 if any(st == "failed" for st in result.states.values()) else 0

@@ -32,12 +32,16 @@ class SubmissionRefused(RuntimeError):
     """The backend refused an array (bad partition, gres, account, QOS, time limit ...).
 
     ``stage`` and ``option`` name what the user must change in the sweep file; the message
-    is one line.  Arrays handed over before it stay queued.
+    is one line.  Arrays handed over before it stay queued.  ``option`` None: the scheduler
+    was only busy (``transient``); the same submission can simply be repeated.
     """
 
-    def __init__(self, stage: str, option: str, detail: str):
+    def __init__(self, stage: str, option: str | None, detail: str):
         self.stage, self.option, self.detail = stage, option, detail
-        super().__init__(f"stage '{stage}': the scheduler refused resources option '{option}': {detail}")
+        self.transient = option is None
+        super().__init__(f"stage '{stage}': the scheduler is temporarily unable to accept jobs: {detail}"
+                         if self.transient else
+                         f"stage '{stage}': the scheduler refused resources option '{option}': {detail}")
 
 
 class Executor:

@@ -151,3 +151,21 @@ def test_second_slurm_job_on_a_running_stage_refuses_and_changes_nothing(slurm_c
     assert res["status"] == "finished" and res["info"]["starts"] == [0]
     (st,) = [s for r in store.runs(sweep=name) for s in r.stages]
     assert st.status == "finished"
+
+
+# what this single-node cluster refuses at sbatch time (it enforces no accounts/QOS, and holds
+# an oversized job pending rather than refusing it); the partition case is the test above
+@pytest.mark.parametrize("resources, option", [({"gpus": 1}, "gpus")])
+def test_any_sbatch_refusal_is_one_line_naming_stage_and_option(slurm_cluster, tmp_path, cleanup, resources, option):
+    name, path = held_sweep(tmp_path, slurm_cluster)
+    cleanup.append(name)
+    doc = yaml.safe_load(path.read_text())
+    del doc["stages"]["echo"]
+    doc["stages"]["selftest"]["resources"].update(resources)
+    path.write_text(yaml.safe_dump(doc))
+    proc = orchestrate("submit", path, "--db", f"sqlite:///{tmp_path / 'r.db'}")
+    out, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "'selftest'" in lines[0] and option in lines[0], lines[0]
+    assert slurm_jobs(name) == {}
