@@ -79,7 +79,7 @@ base: {x: *i}
 def test_yaml_alias_bomb_is_refused_in_bounded_time_and_memory(tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(BOMB)
-    assert len(BOMB) < 600
+    assert len(BOMB) < 500  # expands to 9^9 ~ 387 million nodes
     tracemalloc.start()
     t0 = time.monotonic()
     errs = errors_of(path)
