@@ -194,7 +194,10 @@ def _pg_connect(url: str, role: str, timeout_s: float):
     kw = dict(host=u.host, port=u.port, dbname=u.database, user=u.username, password=u.password,
               options=opts, connect_timeout=10, **{k: v for k, v in u.query.items() if isinstance(v, str)})
     kw = {k: v for k, v in kw.items() if v is not None}
-    conn = psycopg2.connect(**kw)
+    try:
+        conn = psycopg2.connect(**kw)
+    except psycopg2.OperationalError as e:
+        raise ValueError(f"cannot connect to {u.render_as_string()}: {(str(e).strip().splitlines() or [''])[0]}") from None
     conn.autocommit = True  # the SET ROLE below must outlive a transaction (a rolled-back SET is undone)
     with conn.cursor() as cur:
         cur.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (role,))
@@ -207,7 +210,11 @@ def _pg_connect(url: str, role: str, timeout_s: float):
         # A LOGIN reader role: connect as it, so that no role switch can be undone.
         conn.close()
         kw.update(user=role, password=os.environ.get(PASSWORD_ENV) or None)
-        conn = psycopg2.connect(**{k: v for k, v in kw.items() if v is not None})
+        try:
+            conn = psycopg2.connect(**{k: v for k, v in kw.items() if v is not None})
+        except psycopg2.OperationalError as e:
+            raise ValueError(f"cannot connect as the reader role {role} (${PASSWORD_ENV}, pg_hba.conf): "
+                             f"{(str(e).strip().splitlines() or [''])[0]}") from None
     elif u.username != role:
         with conn.cursor() as cur:
             try:

@@ -241,6 +241,10 @@ class Store:
                     e.orig, sqlite3.OperationalError):
                 raise SchemaError(f"{sqlite_path(self.url)} is not a results database ({e.orig}); "
                                   f"check --db / $ORCHESTRATE_DB") from None
+            first = (str(e.orig).strip().splitlines() or [""])[0]
+            if self.dialect == "postgresql" and re.search(r"does not exist|authentication failed|no password", first):
+                raise SchemaError(f"cannot open {make_url(self.url).render_as_string()}: {first}; "
+                                  f"check --db / $ORCHESTRATE_DB") from None
             raise
 
     def check_not_newer(self, current: str | None) -> None:

@@ -66,3 +66,14 @@ def test_a_schema_newer_than_the_code(db_url, tmp_path, run_cli):
     assert _counts(db_url) == before
     if digest:
         assert hashlib.sha256(db.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.postgres
+def test_a_postgresql_url_to_nothing(pg_url, run_cli):
+    """A database or user that does not exist on the server: one clear line, exit 2."""
+    base = pg_url.rsplit("/", 1)[0]
+    for url in (base + "/no_such_db_h3", base.replace("postgres@", "no_such_user_h3@") + "/postgres"):
+        for argv in (("status",), ("query",), ("query", "SELECT 1"), ("db", "current")):
+            out = run_cli(*argv, "--db", url)
+            assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr, (
+                argv, out.stderr)
