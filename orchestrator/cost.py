@@ -323,6 +323,7 @@ def to_dict(costs: list[StageCost]) -> list[dict[str, Any]]:
 
 
 FINAL = ("finished", "failed", "cancelled")
+MEASURED = ("sacct", "wallclock")  # backbones of the rows written here
 
 
 def parse_tres(tres: str) -> dict[str, int]:
@@ -373,7 +374,7 @@ def record_actual(store, sweep: str) -> int:
     stage's loaded attempt (a newer attempt's ingest replaces it; it is measured again).
     Returns the number of rows written.
     """
-    from sqlalchemy import select
+    from sqlalchemy import delete, select
 
     from orchestrator import slurm
     from orchestrator.db.models import Metric, Run, RunStage, Sweep
@@ -383,10 +384,11 @@ def record_actual(store, sweep: str) -> int:
                                 RunStage.ended_at, RunStage.result_attempt, RunStage.attempt)
                          .join(RunStage, RunStage.run_id == Run.id).join(Sweep, Run.sweep_id == Sweep.id)
                          .where(Sweep.name == sweep, RunStage.status.in_(FINAL))).all()
-        have = set(s.execute(select(Metric.run_id, Metric.stage).where(
-            Metric.run_id.in_(sorted({r.id for r in rows})), Metric.backbone.in_(("sacct", "wallclock")))).all()
-                   ) if rows else set()
-    todo = [r for r in rows if (r.id, r.stage) not in have]
+        have = {(m.run_id, m.stage): m.attempt for m in s.execute(
+            select(Metric.run_id, Metric.stage, Metric.attempt).where(
+                Metric.run_id.in_(sorted({r.id for r in rows})), Metric.backbone.in_(MEASURED)))} if rows else {}
+    # measured once per attempt: a retried stage's new attempt replaces its predecessor's row
+    todo = [r for r in rows if have.get((r.id, r.stage)) != (r.attempt or r.result_attempt or 1)]
     if not todo:
         return 0
     slurm_ids = [r.slurm_job_id for r in todo if r.slurm_job_id]
@@ -394,14 +396,14 @@ def record_actual(store, sweep: str) -> int:
     cpus = _requested_cpus(store, sweep)
     new = []
     for r in todo:
-        attempt = r.result_attempt or r.attempt or 1
+        attempt = r.attempt or r.result_attempt or 1  # the latest attempt (its job id, its times)
         if r.slurm_job_id:
             u = usage.get(r.slurm_job_id)
             if u is None:
                 continue  # accounting not there (yet)
             kind, n = ("gpu", u["gpus"]) if u["gpus"] else ("cpu", u["cpus"])
             value, backbone, source = u["elapsed_s"] * n / 3600, "sacct", f"sacct:{r.slurm_job_id}"
-        elif r.executor in ("local", "debug") and r.started_at and r.ended_at:
+        elif r.executor in ("local", "debug") and r.started_at and r.ended_at and r.result_attempt == attempt:
             kind, backbone, source = "cpu", "wallclock", "wallclock"
             value = (r.ended_at - r.started_at).total_seconds() * cpus.get(r.stage, 1) / 3600
         else:
@@ -410,6 +412,9 @@ def record_actual(store, sweep: str) -> int:
                           backbone=backbone, num_samples=None, attempt=attempt, source_file=source))
     if new:
         with store.session() as s:
+            for m in new:
+                s.execute(delete(Metric).where(Metric.run_id == m.run_id, Metric.stage == m.stage,
+                                               Metric.backbone.in_(MEASURED)))
             s.add_all(new)
     return len(new)
 

@@ -17,7 +17,9 @@ from orchestrator import cost
 from orchestrator.cli import main
 from orchestrator.db.store import Store
 from orchestrator.plan import build_plan
+from orchestrator.ingest import ingest
 from orchestrator.query import runs_table
+from orchestrator.results import write_result_file
 from orchestrator.sweep import load_sweep
 from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture)
 
@@ -173,3 +175,33 @@ def test_sweep_cost_key_sets_the_utilisation_and_is_validated(tmp_path, capsys):
     assert main(["submit", str(tmp_path / "s.yaml"), "--dry-run", "--db", url]) == 2
     err = capsys.readouterr().err
     assert "cost.mfuu" in err and str(tmp_path / "s.yaml") in err
+
+
+def test_a_retried_stage_is_measured_again(tmp_path):
+    path = _selftest_sweep(tmp_path, "debug")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    assert main(["submit", str(path), "--db", url]) == 0
+    store = Store(url)
+    h = store.runs(sweep="cost")[0].run_hash
+    assert [(m.name, m.attempt) for m in _metrics(store, h) if m.backbone == "wallclock"] == [
+        ("selftest_cpu_hours", 1)]
+    # a second attempt runs (as a retry would) and its result file is ingested: measured again, once
+    payload = json.loads(next((tmp_path / "runs" / "cost" / h / "results").glob("selftest.attempt1.json"))
+                         .read_text())
+    payload.update(attempt=2, started_at="2026-01-01T00:00:00+00:00", ended_at="2026-01-01T00:30:00+00:00")
+    write_result_file(tmp_path / "runs" / "cost" / h, "selftest", 2, payload)
+    ingest(store, [tmp_path / "runs"])
+    assert cost.record_actual(store, "cost") == 1
+    rows = [(m.name, m.attempt, round(m.value, 6)) for m in _metrics(store, h) if m.backbone == "wallclock"]
+    assert rows == [("selftest_cpu_hours", 2, 0.5)]  # 30 min x 1 cpu, the earlier attempt's row replaced
+    assert cost.record_actual(store, "cost") == 0
+    store.dispose()
+
+
+def _metrics(store, h):
+    from sqlalchemy import select
+
+    from orchestrator.db.models import Metric, Run
+
+    with store.session() as s:
+        return list(s.scalars(select(Metric).join(Run, Metric.run_id == Run.id).where(Run.run_hash == h)))
