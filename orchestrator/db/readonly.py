@@ -287,10 +287,13 @@ def run_statement(url: str, sql: str, timeout_s: float = DEFAULT_TIMEOUT_S, max_
         conn = _pg_connect(url, role_name(role), timeout_s)
         errors = (psycopg2.Error,)
     try:
-        cur = conn.cursor()
+        # PostgreSQL: a server-side cursor (DECLARE ... CURSOR FOR, which takes exactly one query)
+        # streams rows, so a huge result never lands whole in this process; EXPLAIN cannot be declared.
+        named = backend == "postgresql" and not text.startswith("EXPLAIN ")
+        cur = conn.cursor(name="tcae_query") if named else conn.cursor()
         cur.execute(text)
-        columns = [d[0] for d in cur.description or []]
         rows = cur.fetchmany(max_rows + 1)
+        columns = [d[0] for d in cur.description or []]
         return Rows(columns, [tuple(r) for r in rows[:max_rows]], len(rows) > max_rows)
     except MemoryError:  # SQLITE_NOMEM: the heap limit was reached (the statement is over, memory freed)
         raise QueryTimeout(f"query stopped: it needed more than the memory budget of {SQLITE_HEAP_LIMIT >> 20} MiB"
