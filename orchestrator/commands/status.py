@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", nargs="?", default=None, help="only this sweep (default: all)")
     p.add_argument("--limit", type=int, default=200, help="per-run rows to print (0 = all)")
     p.add_argument("--no-refresh", action="store_true", help="do not ingest / query Slurm first")
+    p.add_argument("--watch", action="store_true", help="live view until no stage is active (Ctrl-C stops watching)")
+    p.add_argument("--interval", type=float, default=5.0, help="--watch: seconds between refreshes")
 
 
 def _refresh_hook():
@@ -36,10 +38,15 @@ def run(args: argparse.Namespace) -> int:
         if args.sweep is not None and args.sweep not in names:
             raise UsageError(f"no sweep named '{args.sweep}' in {store.url} (known: {names})")
         refresh, failed = None if args.no_refresh else _refresh_hook(), False
+        if args.watch:
+            from orchestrator.watch import watch_status
+
+            return watch_status(store, args.sweep, names, refresh, args.interval)
         if refresh is not None:
             for name in [args.sweep] if args.sweep else names:
                 try:
                     refresh(store, name)
+                    importlib.import_module("orchestrator.cost").record_actual(store, name)  # sacct hours
                 except Exception as e:  # show what the database knows anyway
                     print(f"orchestrate status: refreshing sweep {name} failed: {e!r}", file=sys.stderr)
                     failed = True
