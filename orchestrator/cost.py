@@ -413,8 +413,9 @@ def record_actual(store, sweep: str) -> int:
     if new:
         with store.session() as s:
             for m in new:
-                s.execute(delete(Metric).where(Metric.run_id == m.run_id, Metric.stage == m.stage,
-                                               Metric.backbone.in_(MEASURED)))
+                if (m.run_id, m.stage) in have:  # an earlier attempt's row
+                    s.execute(delete(Metric).where(Metric.run_id == m.run_id, Metric.stage == m.stage,
+                                                   Metric.backbone.in_(MEASURED)))
             s.add_all(new)
     return len(new)
 
