@@ -50,8 +50,9 @@ def write_grid(folder: Path) -> Path:
     return path
 
 
-def raw_submitit(folder: Path, n: int) -> tuple[float, list[str]]:
-    """The floor: submitit alone, two ``map_array`` calls of ``n`` tasks (afterok-linked)."""
+def raw_submitit(folder: Path, n: int, ids: list[str]) -> float:
+    """The floor: submitit alone, two ``map_array`` calls of ``n`` tasks (aftercorr-linked);
+    the array ids go to ``ids`` as soon as each exists (for the final scancel)."""
     import submitit
 
     ex = submitit.SlurmExecutor(folder=folder / "raw" / "%j")
@@ -60,9 +61,11 @@ def raw_submitit(folder: Path, n: int) -> tuple[float, list[str]]:
     tasks = [StageTask("echo", str(folder / "raw" / f"r{i}")) for i in range(n)]
     t0 = time.perf_counter()
     first = ex.map_array(lambda t: t(), tasks)
-    ex.update_parameters(additional_parameters={"hold": True, "dependency": f"aftercorr:{first[0].job_id.split('_')[0]}"})
+    ids.append(first[0].job_id.split("_")[0])
+    ex.update_parameters(additional_parameters={"hold": True, "dependency": f"aftercorr:{ids[0]}"})
     second = ex.map_array(lambda t: t(), tasks)
-    return time.perf_counter() - t0, sorted({j.job_id.split("_")[0] for j in first + second})
+    ids.append(second[0].job_id.split("_")[0])
+    return time.perf_counter() - t0
 
 
 def main() -> int:
@@ -85,9 +88,10 @@ def main() -> int:
         print("Slurm not used" + ("" if args.no_slurm else " (not available)"))
         return 0
 
-    raw_s, raw_ids = raw_submitit(folder, len(plan.runs))
     store = open_store(f"sqlite:///{folder / 'bench.db'}")
+    raw_ids: list[str] = []
     try:
+        raw_s = raw_submitit(folder, len(plan.runs), raw_ids)
         t0 = time.perf_counter()
         res = submit_sweep(store, load_sweep(path))
         sub_s = time.perf_counter() - t0
@@ -108,7 +112,8 @@ def main() -> int:
     finally:
         t0 = time.perf_counter()
         cancel_sweep(store, "bench1000")
-        subprocess.run(["scancel", *raw_ids], capture_output=True)
+        if raw_ids:
+            subprocess.run(["scancel", *raw_ids], capture_output=True)
         print(f"cancel: {time.perf_counter() - t0:.2f} s")
     return 0
 

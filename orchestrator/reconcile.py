@@ -243,16 +243,18 @@ def wait_for_sweep(store: Store, sweep: str, poll_s: float = 2.0, timeout_s: flo
 
 
 def cancel_sweep(store: Store, sweep: str) -> list[str]:
-    """``scancel`` every queued/running stage of ``sweep`` and mark it cancelled.
-
-    When scancel fails (:class:`orchestrator.slurm.SlurmError`) nothing is marked.
+    """``scancel`` every queued/running stage of ``sweep`` and mark it cancelled; returns the
+    cancelled stages' job ids.  Arrays are cancelled whole (their finished elements are not
+    affected).  When scancel fails (:class:`orchestrator.slurm.SlurmError`) nothing is marked.
     """
     q = (select(Run.run_hash, RunStage.stage, RunStage.slurm_job_id).join(RunStage, RunStage.run_id == Run.id)
          .join(SweepRow, SweepRow.id == Run.sweep_id).where(SweepRow.name == sweep, RunStage.status.in_(ACTIVE)))
     with store.session() as s:
         active = s.execute(q).all()
     job_ids = [j for *_, j in active if j]
-    slurm.cancel(job_ids)
+    # whole arrays by their base id: scancel of single elements of a pending array splits it
+    # into one controller record per element (2,000 records for a 1,000-run sweep)
+    slurm.cancel(sorted({j.split("_")[0] for j in job_ids}))
     with store.session() as s:
         set_states(s, {(h, st): ("cancelled", None) for h, st, _ in active})
     return job_ids

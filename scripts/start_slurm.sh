@@ -98,7 +98,10 @@ DependencyParameters=kill_invalid_depend
 AuthInfo=cred_expire=10
 ReturnToService=2
 MaxArraySize=10001
-MinJobAge=3600
+# ended jobs leave the controller after 5 min (sacct keeps them); many cancelled array elements
+# must not exhaust MaxJobCount on a machine where several test suites share the cluster
+MinJobAge=300
+MaxJobCount=100000
 KillWait=5
 MailProg=/bin/true
 StateSaveLocation=$DIR/state

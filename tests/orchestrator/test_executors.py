@@ -154,10 +154,10 @@ def test_job_slurm_no_longer_knows_is_failed_as_lost_after_the_grace(slurm_clust
 def test_cancel_reports_a_failing_scancel_and_marks_nothing(slurm_cluster, tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
     store.upsert_run("h1", "cx", {"train": {"seed": 0}}, stages=["selftest"])
-    store.set_stage_state("h1", "selftest", "queued", slurm_job_id="12_x")  # scancel: Invalid job id
+    store.set_stage_state("h1", "selftest", "queued", slurm_job_id="x12")  # scancel: Invalid job id x12
     out = cli("cancel", "cx", "--db", store.url)
     _, err = out.communicate(timeout=60)
-    assert out.returncode == 1 and "scancel failed" in err and "12_x" in err
+    assert out.returncode == 1 and "scancel failed" in err and "x12" in err
     assert [s.status for r in store.runs(sweep="cx") for s in r.stages] == ["queued"]
 
 
