@@ -16,8 +16,9 @@ Three layers, each enough on its own for the usual tricks:
    ``SET ROLE`` from the user's own login.  ``query`` refuses to run SQL when the role is missing.
 3. **A session that cannot write or run away**: PostgreSQL sessions start with
    ``default_transaction_read_only=on`` and ``statement_timeout`` (libpq ``options``, before any
-   statement); SQLite is opened ``mode=ro`` + ``query_only`` with a progress handler that stops
-   the statement at the time budget, a heap limit and a string/blob length limit.
+   statement); SQLite is opened ``mode=ro`` + ``query_only`` with an authorizer that allows only
+   reads and harmless functions, a progress handler that stops the statement at the time budget,
+   a heap limit and a string/blob length limit.
 """
 from __future__ import annotations
 
@@ -246,7 +247,23 @@ def _sqlite_connect(path: Path, timeout_s: float) -> sqlite3.Connection:
         raise ValueError(f"{path} is not a results database ({e}); check --db / $ORCHESTRATE_DB") from None
     deadline = time.monotonic() + timeout_s
     conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 20_000)
+    conn.set_authorizer(_sqlite_authorizer)  # from here on: reads only (no PRAGMA, ATTACH, writes)
     return conn
+
+
+_SQLITE_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+                   getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+
+
+def _sqlite_authorizer(action: int, arg1, arg2, db, trigger) -> int:
+    """SQLite's own check of every operation the compiled statement does (the parser's twin)."""
+    if action not in _SQLITE_ALLOWED:
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_FUNCTION:
+        name = (arg2 or "").lower()
+        if name in _DENY_FUNCS or name.startswith(_DENY_PREFIXES):
+            return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
 
 
 def run_statement(url: str, sql: str, timeout_s: float = DEFAULT_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS,
@@ -277,9 +294,11 @@ def run_statement(url: str, sql: str, timeout_s: float = DEFAULT_TIMEOUT_S, max_
         if path is None:
             raise ReadOnlyViolation(f"{url}: read-only SQL needs a database file")
         conn = _sqlite_connect(path, timeout_s)
-        # Process-wide in SQLite: set for this statement, restored after.
+        # Process-wide in SQLite: set for this statement, restored after (pragmas need the authorizer off).
+        conn.set_authorizer(None)
         previous = conn.execute("PRAGMA hard_heap_limit").fetchone()[0]
         conn.execute(f"PRAGMA hard_heap_limit={SQLITE_HEAP_LIMIT}")
+        conn.set_authorizer(_sqlite_authorizer)
         errors: tuple = (sqlite3.Error,)
     else:
         import psycopg2
@@ -310,6 +329,7 @@ def run_statement(url: str, sql: str, timeout_s: float = DEFAULT_TIMEOUT_S, max_
     finally:
         if backend == "sqlite":
             try:
+                conn.set_authorizer(None)
                 conn.execute(f"PRAGMA hard_heap_limit={previous}")
             except sqlite3.Error:
                 pass

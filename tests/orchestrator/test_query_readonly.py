@@ -215,8 +215,8 @@ def test_pg_group_role_via_set_role(pg_url, run_cli):
 def test_pg_runaway_query_stops_at_the_timeout(pg_reader):
     url, role = pg_reader
     t0 = time.monotonic()  # a huge result streams from a server-side cursor: only max_rows arrive
-    df = read_only_sql(url, "SELECT g, repeat('x', 100) FROM generate_series(1, 100000000) g", role=role,
-                       max_rows=10)
+    df = read_only_sql(url, "SELECT a, repeat('x', 100) FROM generate_series(1, 10000) a, generate_series(1, 10000) b",
+                       role=role, max_rows=10)  # 10^8 rows, produced lazily
     assert len(df) == 10 and df.attrs["truncated"] and time.monotonic() - t0 < 10
     t0 = time.monotonic()
     with pytest.raises(QueryTimeout, match="timeout of 1 s"):
@@ -234,6 +234,26 @@ def test_sqlite_tricks_refused_and_file_unchanged(sqlite_url, tmp_path, sql):
         read_only_sql(sqlite_url, sql, timeout_s=5)
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert not (tmp_path.parent / "tcae_pwned.db").exists()
+
+
+def test_sqlite_connection_enforces_it_without_the_parser(sqlite_url, tmp_path):
+    """Past the statement check, SQLite's authorizer and mode=ro refuse every write and escape."""
+    import sqlite3
+
+    from orchestrator.db.readonly import _sqlite_connect
+
+    _fill(sqlite_url)
+    db = tmp_path / "results.db"
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    conn = _sqlite_connect(db, timeout_s=5)
+    for sql in ["DELETE FROM metrics", "PRAGMA query_only=OFF", "PRAGMA writable_schema=ON",
+                f"ATTACH DATABASE '{tmp_path}/x.db' AS x", "SELECT load_extension('/tmp/x.so')",
+                "CREATE TEMP TABLE t (a)", "BEGIN IMMEDIATE", "VACUUM INTO '/tmp/tcae_pwned.db'"]:
+        with pytest.raises(sqlite3.DatabaseError):
+            conn.execute(sql)
+    assert conn.execute("SELECT count(*) FROM runs").fetchone() == (3,)
+    conn.close()
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before and not (tmp_path / "x.db").exists()
 
 
 def test_sqlite_runaway_queries_stop(sqlite_url):
