@@ -53,8 +53,8 @@ def _logged_step(line: str) -> float:
 
 def random_hflip(images: torch.Tensor, seed: int, step: int, dist_info: D.DistInfo) -> torch.Tensor:
     """Flip each image (B, 3, H, W) horizontally with probability 1/2, from (seed, step, global index)."""
-    flip = BatchRNG(step_generator(seed, step, _FLIP_STREAM), dist_info.rank, dist_info.world_size).rand(len(images)) < 0.5
-    flip = flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
+    rng = BatchRNG(step_generator(seed, step, _FLIP_STREAM), dist_info.rank, dist_info.world_size)
+    flip = (rng.rand(len(images)) < 0.5).to(images.device, non_blocking=True).view(-1, 1, 1, 1)
     return torch.where(flip, images.flip(-1), images)
 
 

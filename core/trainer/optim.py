@@ -18,7 +18,8 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
 
 
-def build_optimizer(modules: Mapping[str, nn.Module], optim_cfg: "OptimConfig", fused: bool = False) -> torch.optim.AdamW:
+def build_optimizer(modules: Mapping[str, nn.Module], optim_cfg: "OptimConfig",
+                    fused: bool = False) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``modules`` (name → module), two groups.
 
     Frozen parameters (``requires_grad=False``) are left out; a parameter shared by two

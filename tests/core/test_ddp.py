@@ -141,7 +141,7 @@ def test_two_rank_ssl_training_matches_single_process(tiny_config, tmp_path):
     single = load_checkpoint(tmp_path / "single" / "checkpoints" / "latest.pt")
     ddp = ranks[0]["straight"]
     for name, w in ddp["model"].items():
-        assert torch.allclose(w, single["model"][name], rtol=1e-4, atol=1e-5), f"2 ranks differ from one process at {name}"
+        assert torch.allclose(w, single["model"][name], rtol=1e-4, atol=1e-5), f"2 ranks vs one process: {name}"
     for name, w in ddp["objectives"]["teacher"].items():
         assert torch.allclose(w, single["objectives"][1]["teacher"][name], rtol=1e-4, atol=1e-5), name
 
@@ -166,8 +166,8 @@ def test_two_rank_finetuning_keeps_one_discriminator_matches_one_process_and_res
     init = build_tokenizer(tokenizer_args(cfg.model, cfg.data.image_size)).state_dict()  # the runs' initial weights
     dec = [k for k in init if k.startswith("decoder.")]
     moved = _norm(single["model"], init, dec)
-    print(f"decoder: |2 ranks - 1 process| / |1 process - init| = {_norm(r0['model'], single['model'], dec) / moved:.3g}")
-    assert _norm(r0["model"], single["model"], dec) < 0.1 * moved
+    ratio = _norm(r0["model"], single["model"], dec) / moved  # measured 0.064 (per-rank BatchNorm in D)
+    assert ratio < 0.1, f"decoder: |2 ranks - 1 process| / |1 process - init| = {ratio:.3g}"
     assert _norm(r0["model"], single["model"], [k for k in init if k.startswith("encoder.")]) == 0  # frozen
 
 

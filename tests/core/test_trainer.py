@@ -123,7 +123,8 @@ def test_plugged_objective_is_trained_and_checkpointed(tiny_config, tmp_path, mo
     assert isinstance(probe, Objective)
     head_before = probe.head.weight.detach().clone()
     build = entry.build_objectives
-    monkeypatch.setattr(entry, "build_objectives", lambda cfg, model, device, info=None: build(cfg, model, device, info) + [probe])
+    monkeypatch.setattr(entry, "build_objectives",
+                        lambda cfg, model, device, info=None: build(cfg, model, device, info) + [probe])
     train(tiny_config(**{"train.steps": 4}), tmp_path)
     assert not torch.equal(probe.head.weight, head_before)  # in the optimizer
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
