@@ -275,13 +275,14 @@ def render(snap: Snapshot, limit: int = 20):
 class View:
     """Shows snapshots: rich Live on a terminal, changed lines otherwise."""
 
-    def __init__(self, console=None, live: bool | None = None):
+    def __init__(self, console=None, live: bool | None = None, steps_every_s: float = 30.0):
         from rich.console import Console
 
         self.console = console or Console()
         self.live_mode = self.console.is_terminal if live is None else live
         self._live = None
         self._last: list[str] = []
+        self._printed, self.steps_every_s, self._counts = 0.0, steps_every_s, None
         self.lock = threading.Lock()
 
     def show(self, snap: Snapshot) -> None:
@@ -294,12 +295,14 @@ class View:
                     self._live.start()
                 self._live.update(render(snap), refresh=True)
                 return
-            lines = plain_lines(snap)
-            if lines != self._last:
+            # a log gets a line when a count changes; step-only changes at most every steps_every_s
+            lines, now = plain_lines(snap), time.monotonic()
+            shape = (snap.counts, [(f.run_hash, f.stage, f.step is None) for f in snap.in_flight])
+            if lines != self._last and (shape != self._counts or now - self._printed >= self.steps_every_s):
                 stamp = time.strftime("%H:%M:%S")
                 for line in lines:
                     print(f"{stamp} {line}" if not line.startswith(" ") else line, file=self.console.file, flush=True)
-                self._last = lines
+                self._last, self._printed, self._counts = lines, now, shape
 
     def stop(self) -> None:
         with self.lock:
