@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pandas is imported when a query runs, not when the CLI pars
     import pandas as pd
 
 NAME = "query"
-HELP = "print results as a table / CSV / JSON: one row per run, or a read-only SQL statement"
+HELP = "print results as a table / CSV / JSON / parquet: one row per run, or a read-only SQL statement"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,7 +111,7 @@ def emit(df: pd.DataFrame, fmt: str, out: str | None = None, constants: dict[str
             from tabulate import tabulate
 
             for k, v in (constants or {}).items():
-                stream.write(f"{k}: {v} (every run)\n")
+                stream.write(f"{k}: {v} (every run with {k[: -len('_backbone')]})\n")
             stream.write(tabulate(df, headers="keys", tablefmt="simple", showindex=False, missingval="") + "\n")
     finally:
         if out is not None:

@@ -37,7 +37,7 @@ def test_default_table_is_compact(three_runs, run_cli):
     out = run_cli("query", "--db", three_runs)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == "rfid_backbone: embedded-featnet-v1 (every run)"
+    assert lines[0] == "rfid_backbone: embedded-featnet-v1 (every run with rfid)"
     header = lines[1].split()
     assert header == ["run_hash", "sweep", "status", "model.patch_size", "lpips", "lpips_backbone", "psnr", "rfid"]
     assert len(lines) == 2 + 1 + 3  # constants, header, rule, 3 runs
