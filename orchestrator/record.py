@@ -11,10 +11,11 @@ like :meth:`~orchestrator.db.store.Store.set_stage_state` does for one stage.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.db.configs import config_delta, flatten
@@ -58,7 +59,7 @@ def record_runs(session: Session, sweep: str, spec_yaml: str, runs: Mapping[str,
                                                attempts=0, created_at=now) for h in part])
     old = [ids[h] for h in runs if h in ids]
     for part in _chunks(old):
-        session.execute(update(Run).where(Run.id.in_(part)).values(executor=executor))
+        conn.execute(update(Run.__table__).where(Run.__table__.c.id.in_(part)).values(executor=executor))
     ids = run_ids(session, runs)
     params = [dict(run_id=ids[h], key=k, **param_columns(v)) for h, (_, p) in runs.items() for k, v in p.items()]
     for part in _chunks(old):
@@ -75,6 +76,20 @@ def record_runs(session: Session, sweep: str, spec_yaml: str, runs: Mapping[str,
     return ids
 
 
+def bulk_update(session: Session, model, rows: list[dict]) -> None:
+    """UPDATE rows by primary key ``id``: one Core executemany per set of keys (the ORM's bulk
+    update by primary key costs ~4x more per row)."""
+    table = model.__table__
+    by_keys: dict[tuple, list] = {}
+    for r in rows:
+        by_keys.setdefault(tuple(sorted(r)), []).append(r)
+    conn = session.connection()
+    for keys, group in by_keys.items():
+        stmt = (update(table).where(table.c.id == bindparam("b_id"))
+                .values({k: bindparam(f"b_{k}") for k in keys if k != "id"}))
+        conn.execute(stmt, [{f"b_{k}": v for k, v in r.items()} for r in group])
+
+
 def refresh_run_statuses(session: Session, ids: Iterable[int], last: Mapping[int, dict] | None = None) -> None:
     """Re-derive ``runs.status`` of ``ids`` from their stages; ``last`` adds per-run columns
     (stage, slurm ids, attempts) to the same update."""
@@ -83,12 +98,8 @@ def refresh_run_statuses(session: Session, ids: Iterable[int], last: Mapping[int
     for part in _chunks(ids):
         for rid, st in session.execute(select(RunStage.run_id, RunStage.status).where(RunStage.run_id.in_(part))):
             statuses.setdefault(rid, []).append(st)
-    rows = [{"id": rid, "status": run_status(statuses.get(rid, [])), **((last or {}).get(rid) or {})} for rid in ids]
-    by_keys: dict[tuple, list] = {}
-    for r in rows:  # executemany needs one key set per batch
-        by_keys.setdefault(tuple(sorted(r)), []).append(r)
-    for group in by_keys.values():
-        session.execute(update(Run), group)
+    bulk_update(session, Run, [{"id": rid, "status": run_status(statuses.get(rid, [])), **((last or {}).get(rid) or {})}
+                               for rid in ids])
 
 
 def stage_rows(session: Session, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, int, str]]:
@@ -112,18 +123,19 @@ def mark_queued(session: Session, runs_root: Path, items: list[tuple[str, str, s
     Returns how many stages were marked.
     """
     rows = stage_rows(session, [(h, st) for h, st, _ in items])
-    updates, last = [], {}
+    updates, last, root = [], {}, str(runs_root)
     for h, st, jid in items:
         if (h, st) not in rows or (only_if is not None and rows[(h, st)][2] not in only_if):
             continue
         sid, rid, _ = rows[(h, st)]
-        attempt = next_attempt(runs_root / h, st)
+        # a new run has no results/ yet (checked with one stat, no Path objects: 2,000 stages)
+        attempt = next_attempt(runs_root / h, st) if os.path.isdir(os.path.join(root, h, "results")) else 1
         updates.append({"id": sid, "status": "queued", "attempt": attempt, "slurm_job_id": jid, "error_tail": None})
         prev = last.get(rid, {"attempts": 0})
         last[rid] = {"stage": st, "slurm_job_id": jid, "slurm_array_id": jid.split("_")[0] if jid else None,
                      "attempts": max(prev["attempts"], attempt)}
     if updates:
-        session.execute(update(RunStage), updates)
+        bulk_update(session, RunStage, updates)
         refresh_run_statuses(session, last, last)
     return len(updates)
 
@@ -141,10 +153,6 @@ def set_states(session: Session, states: Mapping[tuple[str, str], tuple[str, str
             row["started_at"] = utcnow()
         updates.append(row)
         last[rid] = {"stage": key[1], **({"error_tail": err} if err else {})}
-    by_keys: dict[tuple, list] = {}
-    for r in updates:
-        by_keys.setdefault(tuple(sorted(r)), []).append(r)
-    for group in by_keys.values():
-        session.execute(update(RunStage), group)
+    bulk_update(session, RunStage, updates)
     if last:
         refresh_run_statuses(session, last, last)
