@@ -187,20 +187,21 @@ def _scalar(params: dict) -> dict:
 
 
 def _preflight(sweep: Sweep) -> None:
-    """Paths the runs will read (H3's ``orchestrator.preflight``), before the first hand-over."""
+    """The paths the runs will read (:func:`orchestrator.preflight.preflight`), checked before
+    anything is written or handed over: errors -> UsageError (exit 2), warnings -> stderr."""
     import sys
 
     from orchestrator.cli import UsageError
-    from orchestrator.preflight import preflight, report
+    from orchestrator.preflight import preflight
 
     problems = preflight(sweep)
     errors = [p for p in problems if p.level == "error"]
-    if problems and not errors:
-        print(report(problems, str(sweep.path)), file=sys.stderr)
+    for p in problems:
+        if p.level != "error":
+            print(f"orchestrate: {sweep.path}: {p}", file=sys.stderr)
     if errors:
-        raise UsageError(f"preflight: {len(errors)} path(s) the runs will read are not there (nothing submitted; "
-                         f"`preflight: warn` in the sweep file if they exist on compute nodes only):\n"
-                         + report(problems, str(sweep.path)))
+        raise UsageError(f"preflight of {sweep.path} failed ({len(errors)} problems; nothing was submitted):\n"
+                         + "\n".join(f"{sweep.path}: {p}" for p in errors))
 
 
 def submit_sweep(store: Store | None, sweep: Sweep, executor: str | None = None, dry_run: bool = False,
