@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from core.io import write_atomic
-from orchestrator.watch import Watcher, fmt_duration
+from orchestrator.progress import Watcher, fmt_duration
 
 STAGE_LOGS = ("tokenizer", "finetune", "generator")
 CSS = """

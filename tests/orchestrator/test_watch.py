@@ -1,5 +1,6 @@
-"""Live progress: plain lines without a terminal, rich tables on one, steps and ETA from the
-run directories, Ctrl-C leaves Slurm jobs alone and cancels local stages after asking."""
+"""Live progress (orchestrator.progress, orchestrator.watch): plain lines without a terminal,
+rich tables on one, steps and ETA from the run directories, Ctrl-C leaves Slurm jobs alone and
+cancels local stages after asking."""
 from __future__ import annotations
 
 import io
@@ -15,7 +16,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from orchestrator import watch
+from orchestrator import progress
 from orchestrator.cli import main
 from orchestrator.db.store import Store
 from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture)
@@ -83,7 +84,7 @@ def test_snapshot_steps_and_eta_from_logs_and_rich_render(tmp_path):
     store.upgrade()
     runs_root = tmp_path / "runs" / "w"
     fake_running_run(store, runs_root, "a" * 16, step=50, total=200, train_s=10.0)
-    snap = watch.Watcher(store, "w", runs_root).snapshot()
+    snap = progress.Watcher(store, "w", runs_root).snapshot()
     assert snap.counts == {"tokenizer": {"running": 1}, "evaluate": {"queued": 1}}
     running = next(f for f in snap.in_flight if f.stage == "tokenizer")
     assert (running.step, running.total) == (50, 200)
@@ -92,7 +93,7 @@ def test_snapshot_steps_and_eta_from_logs_and_rich_render(tmp_path):
     assert snap.eta_s == pytest.approx(30.0) and snap.eta_lower_bound
 
     buf = io.StringIO()
-    view = watch.View(Console(file=buf, force_terminal=True, width=120))
+    view = progress.View(Console(file=buf, force_terminal=True, width=120))
     assert view.live_mode
     view.show(snap)
     view.stop()
@@ -111,7 +112,7 @@ def test_result_file_not_ingested_yet_counts_as_finished(tmp_path, write_result)
     store.upsert_run(h, "s1", {"model": {"patch_size": 4}}, {}, executor="local", stages=["tokenizer"])
     store.set_stage_state(h, "tokenizer", "queued", attempt=1)
     write_result(h, "tokenizer", 1)  # on disk, not in the database
-    snap = watch.Watcher(store, "s1", tmp_path / "runs" / "s1").snapshot()
+    snap = progress.Watcher(store, "s1", tmp_path / "runs" / "s1").snapshot()
     assert snap.counts == {"tokenizer": {"finished": 1}} and not snap.active and snap.finished_durations == 1
     store.dispose()
 
