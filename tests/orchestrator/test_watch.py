@@ -39,8 +39,14 @@ def write_sweep(tmp_path, executor="local", steps=6, step_s=0.4, partition=None,
 
 def start(tmp_path, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # its own process group, like a terminal's foreground job: Ctrl-C = SIGINT to the whole group
     return subprocess.Popen([*ORCHESTRATE, *args, "--db", f"sqlite:///{tmp_path / 'r.db'}"], cwd=ROOT, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def ctrl_c(proc) -> None:
+    os.killpg(proc.pid, signal.SIGINT)  # the orchestrator and every stage process it forked
 
 
 def read_until(proc, needle: str, timeout: float = 90) -> list[str]:
@@ -132,7 +138,7 @@ def test_ctrl_c_on_local_submission_asks_then_cancels_or_continues(tmp_path, ans
     proc = start(tmp_path, "submit", str(write_sweep(tmp_path, steps=12, step_s=0.5)), "--wait")
     lines = read_until(proc, "selftest attempt 1: step")
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)  # the orchestrator only: it must ask, its stages go on meanwhile
+    ctrl_c(proc)  # the stage processes ignore it: the orchestrator asks, its stages go on meanwhile
     time.sleep(1.5)
     proc.stdin.write(answer + "\n")
     proc.stdin.flush()
@@ -162,7 +168,7 @@ def test_ctrl_c_on_slurm_wait_leaves_the_jobs_alone(slurm_cluster, tmp_path):  #
     proc = start(tmp_path, "submit", str(write_sweep(tmp_path, "slurm", steps=10, step_s=0.5,
                                                      partition=slurm_cluster)), "--wait")
     lines = read_until(proc, "running 2")
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     out, _ = proc.communicate(timeout=60)
     out = "".join(lines) + out
     assert proc.returncode == 130, out
