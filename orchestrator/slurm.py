@@ -80,7 +80,8 @@ def _expand(job_id: str) -> list[str]:
 
 
 def job_states(job_ids: list[str]) -> dict[str, dict]:
-    """State of every job / array element in ``job_ids`` with one ``sacct`` call.
+    """State of every job / array element in ``job_ids``: one ``sacct`` call, overlaid with one
+    ``squeue`` call for the jobs the controller still holds.
 
     Parameters
     ----------
@@ -89,8 +90,10 @@ def job_states(job_ids: list[str]) -> dict[str, dict]:
     Returns
     -------
     ``{job_id: {"state": "COMPLETED", "start": "...", "end": "...", "exit_code": "0:0"}}``
-    for the ids sacct knows (``CANCELLED by 0`` is reported as ``CANCELLED``).  An element of
-    a pending array that sacct still lists as a range is expanded.
+    for the ids Slurm knows (``CANCELLED by 0`` is reported as ``CANCELLED``).  An element of
+    a pending array that sacct still lists as a range is expanded.  The controller's state
+    wins where both know a job: sacct reads e.g. a job requeued held after a special exit
+    as PENDING, squeue as SPECIAL_EXIT.
     """
     wanted = set(job_ids)
     if not wanted:
@@ -115,6 +118,13 @@ def job_states(job_ids: list[str]) -> dict[str, dict]:
     for one in wanted - set(out):
         if one.split("_")[0] in bare:
             out[one] = bare[one.split("_")[0]]
+    # exit 1 when every id is unknown to the controller (all purged): nothing to overlay
+    queue = subprocess.run(["squeue", "-h", "-a", "-r", "-o", "%i|%T", "-j", ",".join(bases)],
+                           capture_output=True, text=True, timeout=120).stdout
+    for line in queue.splitlines():
+        jid, _, state = line.strip().partition("|")
+        if jid in wanted and state:
+            out[jid] = {**out.get(jid, {"start": "", "end": "", "exit_code": ""}), "state": state.strip()}
     return out
 
 

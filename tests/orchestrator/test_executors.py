@@ -178,3 +178,24 @@ def test_wait_timeout_returns_while_jobs_stay_queued(slurm_cluster, tmp_path):
     finally:
         ids = [s.slurm_job_id for r in Store(url).runs(sweep="wt") for s in r.stages if s.slurm_job_id]
         subprocess.run(["scancel", *ids], capture_output=True)
+
+
+@pytest.mark.slurm
+def test_job_requeued_held_after_a_special_exit_is_final(slurm_cluster, tmp_path):
+    from orchestrator.submit import refresh_states, submit_sweep
+
+    path = selftest_sweep(tmp_path, name="sx", executor="slurm", steps=300, step_s=0.2)
+    doc = yaml.safe_load(path.read_text())
+    doc["stages"]["selftest"]["resources"] = {"cpus": 1, "mem_gb": 0.25, "time_min": 60, "partition": slurm_cluster}
+    path.write_text(yaml.safe_dump(doc))
+    sweep = load_sweep(path)
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    (jid,) = submit_sweep(store, sweep).job_ids.values()
+    try:
+        wait_for(lambda: progress(sweep.runs_root / sweep.runs[0].run_hash) >= 1, 90, "the job did not start")
+        subprocess.run(["scontrol", "requeuehold", "State=SpecialExit", jid], check=True, capture_output=True)
+        wait_for(lambda: refresh_states(store, "sx").get("failed") == 1, 30, "SPECIAL_EXIT stayed active")
+        (st,) = [s for r in store.runs(sweep="sx") for s in r.stages]
+        assert "SPECIAL_EXIT" in st.error_tail
+    finally:
+        subprocess.run(["scancel", jid], capture_output=True)
