@@ -147,7 +147,7 @@ def aggregate(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
     """Mean, spread and count of each metric per cell (runs differing only in seed are one cell).
 
     Returns one row per cell: the key columns, ``stc``, ``runs`` (comma-joined run hashes),
-    ``n``, and per metric ``<m>`` (mean), ``<m>_std``, ``<m>_ci`` (half-width of the 95 %
+    ``run_hashes`` (list), ``n``, and per metric ``<m>`` (mean), ``<m>_std``, ``<m>_ci`` (half-width of the 95 %
     t-interval of the mean, :func:`analysis.stats.t_halfwidth`; NaN for n < 2), ``<m>_n``,
     ``<m>_backbone``.
     """
@@ -159,6 +159,7 @@ def aggregate(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
         row = dict(zip(keys, cell))
         row["stc"] = bool(group["stc"].iloc[0]) if "stc" in group else False
         row["runs"] = ",".join(str(h)[:8] for h in group["run_hash"])
+        row["run_hashes"] = list(group["run_hash"])  # the raw rows of the cell (scaling-law fits)
         row["n"] = len(group)
         for m in metrics:
             vals = pd.to_numeric(group[m], errors="coerce") if m in group else pd.Series(dtype=float)

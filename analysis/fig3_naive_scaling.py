@@ -29,6 +29,6 @@ def fig3_naive_scaling(runs: pd.DataFrame, out_dir: Path, with_paper: bool = Fal
         p = prepare(paper_runs("table3"))
         paper = p[p["ssl"] == "none"]
     line_figure(out, df, "tokens", TOKENS_LABEL, ["model.encoder_size", "model.decoder_size"], ["rfid", "gfid"],
-                Path(out_dir), "fig3_naive_scaling", "Fig. 3: naive token scaling (no STC)", paper=paper,
+                Path(out_dir), "fig3_naive_scaling", "Fig. 3: naive token scaling (no STC)", paper=paper, fit=True,
                 paper_title="paper, Table 3 w/o SSL (ImageNet 256², Inception FID)")
     return out

@@ -31,6 +31,6 @@ def fig4_stc_scaling(runs: pd.DataFrame, out_dir: Path, with_paper: bool = False
         t2 = prepare(paper_runs("table2"))
         paper = pd.concat([prepare(paper_runs("table3")), t2[t2["stc"]]], ignore_index=True)
     line_figure(out, df, "tokens", TOKENS_LABEL, ["k"], ["gfid", "rfid"], Path(out_dir), "fig4_stc_scaling",
-                "Fig. 4: token scaling with staged compression", paper=paper,
+                "Fig. 4: token scaling with staged compression", paper=paper, fit=True,
                 paper_title="paper, Tables 2-3 (ImageNet 256², Inception FID)")
     return out

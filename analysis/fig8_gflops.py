@@ -13,25 +13,38 @@ from analysis.common import (
     warn_missing,
 )
 from analysis.paper import paper_runs
-from analysis.render import CI_NOTE, save_figure
+from analysis.render import CI_NOTE, draw_fit, fit_rows, save_figure
 
 KEYS = ["model.decoder_size", "model.patch_size"]
 METRICS = ["gfid", "gflops_total"]
 _SIZE_ORDER = ["micro", "mini", "Ti", "S", "B", "L"]
 
 
-def _panel(ax, agg: pd.DataFrame) -> int:
+def _fit(ax, raw: pd.DataFrame | None, g: pd.DataFrame, color, label: str) -> None:
+    """Power-law fit of gFID vs GFLOPs along one scaling direction, with its band."""
+    if raw is None:
+        return
+    fit = fit_rows(raw, [h for hs in g["run_hashes"] for h in hs], "gflops_total", "gfid")
+    if fit is not None:
+        draw_fit(ax, fit, color, label)
+
+
+def _panel(ax, agg: pd.DataFrame, raw: pd.DataFrame | None = None) -> int:
+    """Both scaling directions of one panel; with ``raw`` (the runs), each direction with
+    ≥ 3 points also gets its power-law fit gFID = E + A·GFLOPs^(−α) and 95 % band."""
     drawn = 0
     pts = agg.dropna(subset=METRICS)
-    for dec, g in pts.groupby("model.decoder_size"):  # token-number scaling
+    for i, (dec, g) in enumerate(pts.groupby("model.decoder_size")):  # token-number scaling
         if len(g) > 1:
             g = g.sort_values("gflops_total")
-            ax.plot(g["gflops_total"], g["gfid"], "o-", label=f"tokens ↑ (dec {dec}, patch ↓)")
+            ax.plot(g["gflops_total"], g["gfid"], "o-", color=f"C{i % 5}", label=f"tokens ↑ (dec {dec}, patch ↓)")
+            _fit(ax, raw, g, f"C{i % 5}", f"tokens ↑ dec {dec}")
     for i, (p, g) in enumerate(pts.groupby("model.patch_size")):  # decoder-size scaling
         if len(g) > 1:
             g = g.assign(order=g["model.decoder_size"].map(_SIZE_ORDER.index)).sort_values("order")
             ax.plot(g["gflops_total"], g["gfid"], "s--", color=f"C{(i + 5) % 10}", mfc="none",
                     label=f"decoder ↑ (p={int(p)})")
+            _fit(ax, raw, g, f"C{(i + 5) % 10}", f"decoder ↑ p={int(p)}")
     for r in pts.to_dict("records"):
         n = int(r.get("gfid_n", 1))
         ax.annotate(f"p{int(r['model.patch_size'])}/{r['model.decoder_size']}" + (f" n={n}" if n > 1 else ""),
@@ -72,7 +85,7 @@ def fig8_gflops(runs: pd.DataFrame, out_dir: Path, with_paper: bool = False) -> 
         ax.set_visible(False)
     drawn = 0
     for ax, (key, g) in zip(axes, groups):
-        drawn += _panel(ax, g)
+        drawn += _panel(ax, g, df)
         key = key if isinstance(key, tuple) else (key,)
         sub = describe({**dict(zip(facets, key)), "stc": bool(g["stc"].iloc[0]) if len(g) else False}, facets)
         ax.set_title("Fig. 8: token vs decoder scaling" + (f"\n{sub}" if sub else ""), fontsize=9)

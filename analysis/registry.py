@@ -20,6 +20,7 @@ from analysis.fig4_stc_scaling import fig4_stc_scaling
 from analysis.fig6_convergence import NAMES as HISTORY_NAMES
 from analysis.fig6_convergence import fig6_convergence
 from analysis.fig8_gflops import fig8_gflops
+from analysis.fits_table import fits
 from analysis.paper import paper_table, table_names, load_paper_data
 from analysis.render import write_table
 from analysis.table1_structure_loss import METRICS as TABLE1_METRICS
@@ -50,6 +51,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in [
     Entry("table8_compression", table8_compression, tuple(ABLATION_METRICS), paper="table8"),
     Entry("table9_lambda_ssl", table9_lambda_ssl, tuple(ABLATION_METRICS), paper="table9"),
     Entry("table10_channels", table10_channels, tuple(ABLATION_METRICS), paper="table10"),
+    Entry("fits", fits, ("rfid", "gfid", "gflops_total", "params_decoder"), paper="table3"),
 ]}
 
 

@@ -4,6 +4,7 @@ and :func:`cell_table` (one row per cell, metric columns, optional paper columns
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,7 @@ from analysis.common import (  # noqa: E402
     DESIGN, METRICS, Output, aggregate, backbones, check_backbones, describe, extra_keys, fmt_half,
     fmt_value, metric_label, warn_grid, warn_missing,
 )
+from analysis.fits import describe_fit, fit_power_law  # noqa: E402
 from analysis.stats import NS_MARK, NS_NOTE, not_significant  # noqa: E402
 
 CI_NOTE = "points: mean over seeds; error bars: 95 % t-interval of the mean (none where n = 1); n beside each point"
@@ -53,7 +55,8 @@ def _latex_escape(text: str) -> str:
                  ("$", r"\$"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")]:
         out = out.replace(a, b)
     for a, b in [("±", r"$\pm$"), ("λ", r"$\lambda$"), ("✓", r"\checkmark"), ("✗", r"$\times$"),
-                 ("−", "-"), ("²", r"$^2$"), ("↓", r"$\downarrow$"), ("↑", r"$\uparrow$")]:
+                 ("−", "-"), ("²", r"$^2$"), ("↓", r"$\downarrow$"), ("↑", r"$\uparrow$"),
+                 ("ⁿˢ", r"$^{\mathrm{ns}}$")]:
         out = out.replace(a, b)
     return out
 
@@ -223,12 +226,50 @@ def _draw_lines(ax, agg: pd.DataFrame, x: str, line_keys: list[str], metric: str
     return drawn
 
 
+def fit_rows(raw: pd.DataFrame, hashes, x: str, metric: str):
+    """Power-law fit of ``metric`` vs ``x`` over the runs ``hashes`` of ``raw`` (every seed a
+    data point), or None when fewer than 3 distinct positive x values have a value."""
+    rows = raw[raw["run_hash"].isin(list(hashes))]
+    xs = pd.to_numeric(rows[x], errors="coerce") if x in rows else pd.Series(dtype=float)
+    ys = pd.to_numeric(rows[metric], errors="coerce") if metric in rows else pd.Series(dtype=float)
+    ok = xs.notna() & ys.notna() & (xs > 0) & (ys > 0)
+    if xs[ok].nunique() < 3:
+        return None
+    return _cached_fit(tuple(xs[ok]), tuple(ys[ok]))
+
+
+@lru_cache(maxsize=256)
+def _cached_fit(xs: tuple, ys: tuple):
+    # Figs. 3/4/8 and the fits table fit the same lines: fit each data set once per process.
+    return fit_power_law(np.array(xs, dtype=float), np.array(ys, dtype=float))
+
+
+def draw_fit(ax, fit, color, label: str = "") -> None:
+    """The fitted curve (thin dashed) and its 95 % bootstrap band over the fitted x range."""
+    grid = np.geomspace(fit.x_range[0], fit.x_range[1], 60)
+    band_lo, band_hi = fit.band(grid)
+    ax.plot(grid, fit.predict(grid), ls=(0, (4, 2)), lw=1.0, color=color, gid="fit",
+            label=f"fit{' ' + label if label else ''}: {describe_fit(fit)}")
+    ax.fill_between(grid, band_lo, band_hi, color=color, alpha=0.15, lw=0)
+
+
+def _draw_fits(ax, agg: pd.DataFrame, raw: pd.DataFrame, x: str, line_keys: list[str], metric: str,
+               colors: dict[str, str]) -> None:
+    for label, g in _lines(agg, line_keys):
+        hashes = [h for hs in g["run_hashes"] for h in hs] if "run_hashes" in g else []
+        fit = fit_rows(raw, hashes, x, metric)
+        if fit is not None:
+            draw_fit(ax, fit, colors.get(label), label)
+
+
 def line_figure(out: Output, df: pd.DataFrame, x: str, xlabel: str, line_keys: list[str], metrics: list[str],
                 out_dir: Path, stem: str, title: str, paper: pd.DataFrame | None = None,
-                paper_title: str = "paper", logx: bool = True) -> None:
+                paper_title: str = "paper", logx: bool = True, fit: bool = False) -> None:
     """Rows of panels = ``metrics``; columns = groups of the varying design columns not in
     ``line_keys``; with ``paper``, one more column drawn from the paper's rows (hollow
-    markers, dashed, titled ``paper_title``).  Nothing drawn -> skipped with a warning."""
+    markers, dashed, titled ``paper_title``).  ``fit``: each line with ≥ 3 x values also gets
+    its power-law fit with a 95 % bootstrap band (:mod:`analysis.fits`), the paper's too.
+    Nothing drawn -> skipped with a warning."""
     # patch size determines the token count: never a facet of a token-count axis
     facets = [k for k in extra_keys(df, line_keys + [x]) if not (x == "tokens" and k == "model.patch_size")]
     keys = line_keys + facets + [x]
@@ -263,6 +304,8 @@ def line_figure(out: Output, df: pd.DataFrame, x: str, xlabel: str, line_keys: l
         for s, (fkey, g) in enumerate(fgroups):
             ax = axes[(s // ncols) * len(metrics) + i, s % ncols]
             drawn += _draw_lines(ax, g, x, line_keys, m, paper=False, colors=colors)
+            if fit:
+                _draw_fits(ax, g, df, x, line_keys, m, colors)
             fkey = fkey if isinstance(fkey, tuple) else (fkey,)
             ftitle = describe({**dict(zip(facets, fkey)), "stc": g["stc"].iloc[0] if len(g) else False}, facets)
             ax.set_title(f"{title}" + (f"\n{ftitle}" if ftitle else ""), fontsize=9)
@@ -273,6 +316,8 @@ def line_figure(out: Output, df: pd.DataFrame, x: str, xlabel: str, line_keys: l
             pkeys, pa = pagg
             if m in pa:
                 _draw_lines(ax, pa, x, pkeys, m, paper=True, colors=colors)
+                if fit:
+                    _draw_fits(ax, pa, paper, x, pkeys, m, colors)
             else:
                 ax.text(0.5, 0.5, f"{m}: not reported in the paper", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(paper_title, fontsize=9)
@@ -298,7 +343,7 @@ def _style_axis(ax, xlabel: str, logx: bool) -> None:
     ax.set_xlabel(xlabel)
     if logx:
         ax.set_xscale("log", base=2)
-        xs = sorted({float(v) for line in ax.lines for v in line.get_xdata()})
+        xs = sorted({float(v) for line in ax.lines if line.get_gid() != "fit" for v in line.get_xdata()})
         if xs:  # ticks at the measured token counts, printed as plain numbers
             ax.set_xticks(xs, [f"{v:g}" for v in xs])
             ax.minorticks_off()

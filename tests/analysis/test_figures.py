@@ -50,7 +50,8 @@ def test_every_entry_writes_its_files(generated):
             elif f.suffix == ".pdf":
                 assert head.startswith(b"%PDF")
         kinds = {f.suffix for f in files}
-        assert kinds == ({".png", ".pdf"} if name.startswith("fig") else {".md", ".tex"}), name
+        want = {".png", ".pdf"} if name.startswith("fig") else {".md", ".tex"}
+        assert kinds == (want | {".json"} if name == "fits" else want), name
     assert "failed:" not in _warnings(outputs)
     assert (out / "paper" / "table4.md").exists()  # --with-paper: the paper's tables as printed
 

@@ -1,0 +1,110 @@
+"""The ``fits`` output: scaling-law fits of rFID/gFID vs tokens, tokenizer GFLOPs and
+decoder parameters (:mod:`analysis.fits`), one row per (metric, x, line), as a table
+(``fits.{md,tex}``) and machine-readable (``fits.json``).
+
+A line is a group of runs that differ only in the scaled quantity and in seed: for x =
+tokens (and GFLOPs "tokens ↑") the patch size varies, for x = decoder parameters (and
+GFLOPs "decoder ↑") the decoder size varies; every other varying design column separates
+lines (never pooled).  The exponent α of ``L = E + A·x^(−α)`` is reported with its 95 %
+bootstrap interval; an interval containing 0 reads "no trend".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.common import Output, aggregate, describe, extra_keys, metric_label, prepare
+from analysis.fits import ALPHA_BOUNDS
+from analysis.paper import paper_runs
+from analysis.render import fit_rows, write_table
+
+FIT_METRICS = ["rfid", "gfid"]
+# (x column, x label, the design column that moves x along a line)
+SPECS = [
+    ("tokens", "tokens", "model.patch_size"),
+    ("gflops_total", "GFLOPs (tokens ↑)", "model.patch_size"),
+    ("gflops_total", "GFLOPs (decoder ↑)", "model.decoder_size"),
+    ("params_decoder", "decoder params", "model.decoder_size"),
+]
+
+
+def _verdict(f) -> str:
+    if f.at_bound:
+        return f"α at the fit bound ±{ALPHA_BOUNDS[1]:g}: a step, not a power law"
+    verdict = {"decreasing": "falls with x", "increasing": "rises with x", "no trend": "no trend"}[f.trend]
+    dof = f.n - 3  # runs minus fitted parameters
+    if dof < 1:
+        verdict += "; 3 points for 3 parameters: interval meaningless"
+    elif dof < 3:
+        verdict += f"; {dof} residual dof: interval unreliable"
+    if f.n_x == 3:
+        verdict += "; 3 x values: the curve is not tested by any other point"
+    return verdict
+
+
+def fit_lines(df: pd.DataFrame, metric: str, x: str, vary: str) -> list[tuple[str, object]]:
+    """``(line label, PowerLawFit)`` per line of ``df`` with ≥ 3 distinct x values."""
+    if x not in df or metric not in df:
+        return []
+    keys = [k for k in extra_keys(df, [vary]) if not (vary == "model.patch_size" and k == "tokens")]
+    agg = aggregate(df, keys + [vary], [metric])
+    lines = agg.groupby(keys, dropna=False, sort=True) if keys else [((), agg)]
+    out = []
+    for key, g in lines:
+        key = key if isinstance(key, tuple) else (key,)
+        fit = fit_rows(df, [h for hs in g["run_hashes"] for h in hs], x, metric)
+        if fit is not None:
+            out.append((describe({**dict(zip(keys, key)), "stc": bool(g["stc"].iloc[0])}, keys) or "all runs", fit))
+    return out
+
+
+def _rows(df: pd.DataFrame, source: str) -> list[dict]:
+    rows = []
+    for metric in FIT_METRICS:
+        for x, xlabel, vary in SPECS:
+            for line, f in fit_lines(df, metric, x, vary):
+                bb = sorted({str(b) for b in df.get(f"{metric}_backbone", pd.Series(dtype=object)).dropna()})
+                rows.append({
+                    "source": source, "metric": metric_label(metric, bb), "x": xlabel, "line": line,
+                    "runs": f.n, "x values": f.n_x, "bootstrap": f.method,
+                    "alpha": f.alpha, "alpha_low": f.alpha_ci[0], "alpha_high": f.alpha_ci[1],
+                    "E": f.E, "E_low": f.E_ci[0], "E_high": f.E_ci[1], "A": f.A,
+                    "trend": f.trend, "verdict": _verdict(f),
+                })
+    return rows
+
+
+def fits(runs: pd.DataFrame, out_dir: Path, with_paper: bool = False) -> Output:
+    """Write ``fits.{md,tex,json}``; ``with_paper``: also the fits of the paper's Table 3
+    (= its Fig. 3/4 token-scaling points, rFID/gFID vs tokens, SSL off and on)."""
+    out = Output("fits")
+    df = prepare(runs)
+    rows = _rows(df, "this database") if len(df) else []
+    if with_paper:
+        rows += _rows(prepare(paper_runs("table3")), "paper Table 3")
+    if not rows:
+        out.warn("no line with ≥ 3 distinct values of tokens / GFLOPs / decoder params and an rFID/gFID; "
+                 "nothing to fit")
+        return out
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "fits.json"
+    path.write_text(json.dumps(rows, indent=1, default=float) + "\n")
+    out.files.append(path)
+
+    def ci(v, lo, hi, fmt):
+        return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else f"{v:{fmt}}"
+
+    table = pd.DataFrame([{
+        "source": r["source"], "metric": r["metric"], "x": r["x"], "line": r["line"], "runs": r["runs"],
+        "x values": r["x values"], "α [95 % CI]": ci(r["alpha"], r["alpha_low"], r["alpha_high"], ".2f"),
+        "E [95 % CI]": ci(r["E"], r["E_low"], r["E_high"], ".3g"), "A": f"{r['A']:.3g}",
+        "bootstrap": r["bootstrap"], "verdict": r["verdict"],
+    } for r in rows])
+    out.files += write_table(table, out_dir, "fits",
+                             "Scaling-law fits L = E + A·x^(−α) (log space, Huber, multi-start L-BFGS; 95 % "
+                             "bootstrap intervals over runs and seeds, or over residuals without repeats)")
+    return out
