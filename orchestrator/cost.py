@@ -26,8 +26,9 @@ single-process stage on 8 GPUs uses one).  Defaults (:class:`CostSpec`, sweep ke
 peak 989 TFLOP/s = dense BF16 tensor-core peak of an NVIDIA H100 SXM (H200: same compute),
 from NVIDIA's H100 datasheet; MFU 0.35, a typical measured utilisation of ViT/DiT training
 in bf16 (not measured on this project's code: no GPU was available — pass your own);
-CPU stages at 2 GFLOP/s per core (fp32, measured for the micro tokenizer step in
-``benchmarks/README.md``).
+CPU stages at 20 GFLOP/s per core (fp32; measured 2026-12-01 on the shared 2-vCPU Xeon at load
+≈ 6: the configs/tiny_cpu.yaml tokenizer step, batch 32, one thread, counted FLOPs / train time
+= 22.5 GFLOP/s at patch 4 and 27 GFLOP/s at patch 2).
 
 After: :func:`record_actual` reads Slurm accounting (one ``sacct`` call: ElapsedRaw ×
 AllocTRES gres/gpu, or × cpu without GPUs) and stores ``<stage>_gpu_hours`` /
@@ -55,7 +56,7 @@ class CostSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     gpu_peak_tflops: float = Field(989.0, gt=0)  # per GPU, dense bf16 (H100/H200 SXM datasheet)
     mfu: float = Field(0.35, gt=0, le=1)  # achieved / peak FLOP/s
-    cpu_gflops_per_core: float = Field(2.0, gt=0)  # CPU-only stages
+    cpu_gflops_per_core: float = Field(20.0, gt=0)  # CPU-only stages (measured, see the module docstring)
 
 
 IMAGENET_TRAIN = 1_281_167  # images of the ImageNet-1K train split (ImageFolder size unknown at plan time)
@@ -308,8 +309,9 @@ def describe(costs: list[StageCost], spec: "SweepFile") -> str:
             f"CPU stages at {cs.cpu_gflops_per_core:g} GFLOP/s per core; sweep key `cost:`):")
     table = tabulate(rows, headers=["stage", "runs", "PFLOP/run", "PFLOP total", "longest run (wall h)",
                                     "estimated", "requested (units x limit x runs)", "notes"], tablefmt="simple")
-    total = (f"sweep total: {sum(c.flops for c in costs) / 1e15:.4g} PFLOP, estimated {gpu:.4g} GPU-h"
-             f" (requested {req_gpu:.4g} GPU-h)" + (f" + {cpu:.4g} CPU core-h" if cpu else ""))
+    parts = ([f"{gpu:.4g} GPU-h (requested {req_gpu:.4g} GPU-h)"] if any(c.gpus for c in costs) else []) + (
+        [f"{cpu:.4g} CPU core-h"] if any(not c.gpus for c in costs) else [])
+    total = f"sweep total: {sum(c.flops for c in costs) / 1e15:.4g} PFLOP, estimated " + " + ".join(parts)
     return "\n".join([head, table, total])
 
 
