@@ -116,13 +116,19 @@ def reconcile(store: Store, runs_root: Path) -> list[str]:
     return done
 
 
-def runs_root_of(store: Store, sweep: str) -> Path | None:
-    """``{runs_dir}/{sweep}`` from the spec stored at submission (None: unknown sweep)."""
+def stored_spec(store: Store, sweep: str) -> dict | None:
+    """The sweep spec stored at submission, as a plain dict (``runs_dir`` absolute)."""
     import yaml
 
     with store.session() as s:
         text = s.scalars(select(SweepRow.spec_yaml).where(SweepRow.name == sweep)).one_or_none()
-    return Path(yaml.safe_load(text)["runs_dir"]) / sweep if text else None
+    return yaml.safe_load(text) if text else None
+
+
+def runs_root_of(store: Store, sweep: str) -> Path | None:
+    """``{runs_dir}/{sweep}`` from the spec stored at submission (None: unknown sweep)."""
+    spec = stored_spec(store, sweep)
+    return Path(spec["runs_dir"]) / sweep if spec else None
 
 
 def ingest_dir(store: Store, runs_root: Path):

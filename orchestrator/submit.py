@@ -30,12 +30,11 @@ from orchestrator import executors
 from orchestrator.db.store import Store
 from orchestrator.plan import Plan, build_plan, stages_to_run
 from orchestrator.reconcile import (ACTIVE, JOURNALS, Journal, cancel_sweep, ingest_dir,  # noqa: F401 (API)
-                                    refresh_states, wait_for_sweep)
+                                    refresh_states, stored_spec, wait_for_sweep)
 from orchestrator.record import mark_queued, record_runs, set_states
 from orchestrator.sweep import RunSpec, Sweep, SweepFile, build_sweep, load_sweep
 
 REDO = ("failed", "cancelled")
-_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 @dataclass
@@ -138,13 +137,9 @@ def sweep_yaml(sweep: Sweep) -> str:
 
 
 def stored_sweep(store: Store, name: str) -> SweepFile | None:
-    from sqlalchemy import select
-
-    from orchestrator.db.models import Sweep as SweepRow
-
-    with store.session() as s:
-        text = s.scalars(select(SweepRow.spec_yaml).where(SweepRow.name == name)).one_or_none()
-    return SweepFile.model_validate(yaml.safe_load(text)) if text else None
+    """The sweep file stored at submission (retry without the file)."""
+    spec = stored_spec(store, name)
+    return SweepFile.model_validate(spec) if spec else None
 
 
 def upstream_dirs(sweep: Sweep, plan: Plan, info: dict) -> dict[str, dict[str, str]]:
@@ -256,8 +251,8 @@ def _submit(store: Store, sweep: Sweep, ex: executors.Executor, plan: Plan, info
     configs = {h: config_dict(r.config) for h, r in plan.runs.items()}
     write_run_dirs(sweep, plan, ex.name, configs, upstream_dirs(sweep, plan, info))
     with store.session() as s:
-        record_runs(s, sweep.name, sweep_yaml(sweep), {h: (configs[h], _scalar(r.params)) for h, r in plan.runs.items()},
-                    ex.name, sweep.stage_order)
+        runs = {h: (configs[h], _scalar(r.params)) for h, r in plan.runs.items()}
+        record_runs(s, sweep.name, sweep_yaml(sweep), runs, ex.name, sweep.stage_order)
     external = {(h, st): v[1] for h, stages in info.items() for st, v in stages.items() if v[0] in ACTIVE and v[1]}
     journal = Journal(sweep.runs_root, ex.name)
     journal.write([{"index": a.index, "stage": a.stage, "runs": a.runs,

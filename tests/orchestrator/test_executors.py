@@ -3,7 +3,6 @@ orchestrator, a run shared by two sweeps, lost Slurm jobs, scancel failing, --wa
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

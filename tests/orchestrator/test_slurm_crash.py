@@ -127,7 +127,8 @@ def test_second_slurm_job_on_a_running_stage_refuses_and_changes_nothing(slurm_c
     doc = {"name": name, "base": {"data": {"image_size": 32}, "train": {"steps": 40, "ckpt_every": 5}},
            "executor": "slurm", "runs_dir": str(tmp_path / "runs"),
            "stages": {"selftest": {"needs": [], "params": {"step_s": 0.2},
-                                   "resources": {"cpus": 1, "mem_gb": 0.25, "time_min": 60, "partition": slurm_cluster}}}}
+                                   "resources": {"cpus": 1, "mem_gb": 0.25, "time_min": 60,
+                                                 "partition": slurm_cluster}}}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     sweep = load_sweep(path)
