@@ -154,10 +154,10 @@ def _missing_since(runs_root: Path, missing: set[str]) -> dict[str, float]:
     except (OSError, ValueError):
         seen = {}
     now = time.time()
-    seen = {j: seen.get(j, now) for j in missing}
-    if seen or path.exists():
-        write_json_atomic(path, seen)
-    return seen
+    new = {j: seen.get(j, now) for j in missing}
+    if new != seen:
+        write_json_atomic(path, new)
+    return new
 
 
 def _ended_before(end: str, seconds: float) -> bool:

@@ -74,6 +74,13 @@ def test_sigkill_between_sbatch_calls_then_resubmit_queues_each_stage_once(slurm
     proc.wait(timeout=30)
     # killed after sbatch of array 0 returned: its array exists, the database may not know it yet
     assert list(slurm_jobs(name)) == ["selftest"] and len(slurm_jobs(name)["selftest"]) == 2
+    status = orchestrate("status", name, "--db", url)
+    assert status.wait(timeout=120) == 0, status.communicate()
+    # status settled the dead submission: the array found by its job name is recorded queued
+    rows = db_jobs(url, name)
+    assert sorted(j for (_, s), (st, j) in rows.items() if s == "selftest" and st == "queued") == \
+        sorted(slurm_jobs(name)["selftest"])
+    assert {st for (_, s), (st, _) in rows.items() if s == "echo"} == {"pending"}
 
     again = orchestrate("submit", path, "--db", url)
     out, err = again.communicate(timeout=120)
