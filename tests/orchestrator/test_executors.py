@@ -104,7 +104,6 @@ def test_sigkilled_local_orchestrator_takes_its_stage_processes_and_next_submit_
     assert res["info"]["starts"][0] == 0 and 3 <= res["info"]["starts"][1] <= stopped_at  # resumed
 
 
-@pytest.mark.slow
 def test_run_shared_by_two_sweeps_uses_the_first_sweeps_tokenizer(tmp_path):
     base = {"data": {"image_size": 32, "train_size": 32, "val_size": 16, "batch_size": 8},
             "model": {"patch_size": 8, "latent_channels": 8}, "loss": {"perceptual": 0.0},
