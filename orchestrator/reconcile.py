@@ -86,6 +86,8 @@ def reconcile(store: Store, runs_root: Path) -> list[str]:
         if owner_alive(data):
             continue
         todo = data["arrays"]  # marking is idempotent: stages already queued are left alone
+        if data["executor"] == "slurm" and not slurm.available():
+            continue  # cannot ask Slurm from here: keep the journal for a machine that can
         if data["executor"] == "slurm":
             found = slurm.jobs_named([a["name"] for a in todo]) if todo else {}
             items = []
