@@ -53,3 +53,15 @@ def test_ablations_cover_tables_8_to_10():
     t10 = df[(df["model.patch_size"] == 8) & (df["model.compression"] == "conv")]
     cells = sorted(zip(t10["model.latent_channels"], t10["ssl"], t10["stc"]))
     assert cells == [(c, s, stc) for c in (128, 256) for s, stc in (("ibot", False), ("none", False), ("none", True))]
+
+
+def test_quickstart_has_two_seeds_per_cell_and_science_check_three():
+    # Every figure/table point of the quickstart is a mean over 2 seeds with a 95 % interval;
+    # the science check (design) has 3 seeds per configuration.
+    for name, seeds in (("quickstart", 2), ("science_check", 3)):
+        sweep = sweep_mod.load_sweep(SWEEPS / f"{name}.yaml")
+        cells = pd.Series([tuple(sorted((k, str(v)) for k, v in r.params.items() if k != "train.seed"))
+                           for r in sweep.runs]).value_counts()
+        assert (cells == seeds).all(), (name, cells)
+    sc = sweep_mod.load_sweep(SWEEPS / "science_check.yaml")
+    assert all(r.config.eval.probe_val >= 2048 for r in sc.runs)  # sized in the YAML's comments
