@@ -175,7 +175,8 @@ def _generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: Path, stop_at_
     if cfg.eval.fid_reference:
         # Loaded (and its width checked against the backbone) before any training, so a wrong
         # file fails in seconds, not after latent caching and training.
-        dim = features.features(torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size, dtype=torch.uint8))[0].shape[1]
+        probe = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size, dtype=torch.uint8)
+        dim = features.features(probe)[0].shape[1]
         reference["stats"], reference["name"] = load_reference_statistics(cfg.eval.fid_reference, dim)
         reference["num_real"] = None
     train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")

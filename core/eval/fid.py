@@ -199,7 +199,8 @@ class FidelityFeatures:
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
-        out = self.extractor.convert_features_tuple_to_dict(self.extractor(images.cuda() if self.cuda else images.cpu()))
+        images = images.cuda() if self.cuda else images.cpu()
+        out = self.extractor.convert_features_tuple_to_dict(self.extractor(images))
         logits = out[self.isc_layer].cpu() if self.isc_layer else None
         return out[self.fid_layer].cpu().double(), logits
 
@@ -272,7 +273,8 @@ def load_reference_statistics(path: str | Path, dim: int | None = None) -> tuple
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ValueError(f"eval.fid_reference: {path}: mu {mu.shape} and sigma {sigma.shape} must be (D,) and (D, D)")
     if dim is not None and len(mu) != dim:
-        raise ValueError(f"eval.fid_reference: {path} holds {len(mu)}-d statistics but the FID backbone gives {dim}-d features")
+        raise ValueError(f"eval.fid_reference: {path} holds {len(mu)}-d statistics "
+                         f"but the FID backbone gives {dim}-d features")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"eval.fid_reference: {path} contains NaN or inf")
     return {"mu": mu, "sigma": sigma}, f"file:{path.name}:sha256:{hashlib.sha256(blob).hexdigest()[:16]}"
