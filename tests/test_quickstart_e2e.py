@@ -28,6 +28,7 @@ def test_minimal_quickstart_submit_wait_and_figures(tmp_path):
     spec["base"]["eval"].update(num_samples=32, probe_train=64, probe_val=32, batch_size=32)
     spec["base"]["generator"].update(steps=6, batch_size=16, num_samples=32, sample_steps=4, eval_at=[3])
     spec["axes"] = {"model.patch_size": [8], "model.split_depth": [2, None]}
+    spec.pop("seeds", None)  # one seed: two runs, whatever the quickstart's seed list is
     spec["runs_dir"] = str(tmp_path / "runs")
     sweep = tmp_path / "qs.yaml"
     sweep.write_text(yaml.safe_dump(spec))
