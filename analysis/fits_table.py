@@ -106,5 +106,5 @@ def fits(runs: pd.DataFrame, out_dir: Path, with_paper: bool = False) -> Output:
     } for r in rows])
     out.files += write_table(table, out_dir, "fits",
                              "Scaling-law fits L = E + A·x^(−α) (log space, Huber, multi-start L-BFGS; 95 % "
-                             "bootstrap intervals over runs and seeds, or over residuals without repeats)")
+                             "bootstrap intervals, the log residuals of every run and seed resampled)")
     return out
