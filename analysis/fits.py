@@ -8,7 +8,9 @@ The recipe of Epoch AI's replication of Chinchilla's fit (Besiroglu et al. 2024)
   (Epoch used 1e-3 for training losses known to ~0.1 %); our FIDs move ~10 % between seeds,
   so residuals below that are treated as noise (quadratic), larger ones as outliers (linear);
   a smaller δ also made L-BFGS crawl on an almost-L1 objective;
-* L-BFGS (scipy) from a grid of starting points; the best optimum wins;
+* L-BFGS-B (scipy) from a grid of 54 starting points, the best optimum wins; α is bounded to
+  ±3 and E to [10⁻³·min y, max y] (outside, the objective is flat and the optimiser creeps);
+  the starts (and the bootstrap refits) are solved as one separable batch per scipy call;
 * confidence intervals by bootstrap: 95 % percentile intervals over refits.
 
 x is divided by its geometric mean before fitting (conditioning; A is reported for the
@@ -17,7 +19,8 @@ replacement *within each x* (over runs and seeds, every x kept so the fit stays
 identified) with ``bootstrap="runs"``; by default the log residuals of all runs of the full
 fit are resampled (a residual bootstrap, which also works with one number per x, e.g. the
 paper's, and covers better at few seeds: see :func:`fit_power_law`).  An exponent whose
-interval contains 0 is reported as "no trend".
+interval contains 0 — or a fitted change over the data's x range whose interval contains 0
+(A ≈ 0 leaves α unconstrained) — is reported as "no trend".
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """`orchestrate figures [--sweep S] [--out DIR] [--with-paper] [--only NAME,...]`.
 
-Regenerates every paper figure/table the database supports (analysis/registry.py), prints
-the files written and the warnings (missing cells/metrics, proxy backbones, skipped items).
+Regenerates every paper figure/table the database supports (analysis/registry.py) and the
+scaling-law fits (``fits.{md,tex,json}``, curves with bands on Figs. 3, 4, 8), prints the
+files written and the warnings (missing cells/metrics, proxy backbones, skipped items).
 Reads the database only (opened read-only).
 """
 from __future__ import annotations
