@@ -242,7 +242,7 @@ def read_run(run_root: str | Path) -> tuple[dict, dict]:
 
 
 # Stages whose core entry point runs data-parallel: a Slurm job with N GPUs gets N tasks (ranks).
-DISTRIBUTED_STAGES = ("tokenizer", "finetune")
+DISTRIBUTED_STAGES = ("tokenizer", "finetune", "generator")
 
 
 def _rank() -> int:

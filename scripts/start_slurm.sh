@@ -132,7 +132,7 @@ chown mysql:mysql "$DIR/mysql" "$DIR/mysql-run"
 [ -d "$DIR/mysql/mysql" ] || mariadb-install-db --user=mysql --datadir="$DIR/mysql" --skip-test-db \
     --auth-root-authentication-method=socket >"$DIR/log/mariadb-install.log" 2>&1 || fail "mariadb-install-db failed"
 if ! mariadb-admin --socket="$SOCK" ping >/dev/null 2>&1; then
-    nohup mariadbd --no-defaults --user=mysql --datadir="$DIR/mysql" --socket="$SOCK" --skip-networking \
+    setsid nohup mariadbd --no-defaults --user=mysql --datadir="$DIR/mysql" --socket="$SOCK" --skip-networking \
         --pid-file="$DIR/mysql-run/mariadb.pid" --log-error="$DIR/log/mariadb.log" >/dev/null 2>&1 </dev/null &
     echo $! > "$DIR/run/mariadb.pid"
     until_ok "$WAIT_S" MariaDB mariadb-admin --socket="$SOCK" ping

@@ -74,7 +74,7 @@ def test_dry_run_prints_estimate_beside_the_slurm_request(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cost estimate" in out and "989 TFLOP/s" in out and "0.35 MFU" in out
     assert "sweep total:" in out and "GPU-h" in out
-    assert "runs one process: 7 of 8 GPUs idle" in out  # the generator stage
+    assert "GPUs idle" not in out  # every multi-GPU stage (the generator too) runs one rank per GPU
     assert not (tmp_path / "never.db").exists()
 
     assert main(["submit", "sweeps/token_scaling.yaml", "--dry-run", "--json", "--db", url]) == 0
