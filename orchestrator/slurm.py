@@ -118,13 +118,19 @@ def job_states(job_ids: list[str]) -> dict[str, dict]:
     for one in wanted - set(out):
         if one.split("_")[0] in bare:
             out[one] = bare[one.split("_")[0]]
-    # exit 1 when every id is unknown to the controller (all purged): nothing to overlay
-    queue = subprocess.run(["squeue", "-h", "-a", "-r", "-o", "%i|%T", "-j", ",".join(bases)],
+    # exit 1 when every id is unknown to the controller (all purged): nothing to overlay.
+    # `-t all`: a job that ended seconds ago is still in the controller (MinJobAge) while
+    # slurmdbd, which sacct reads, may not have its record yet on a busy cluster.
+    queue = subprocess.run(["squeue", "-h", "-a", "-r", "-t", "all", "-o", "%i|%T|%S|%e", "-j", ",".join(bases)],
                            capture_output=True, text=True, timeout=120).stdout
     for line in queue.splitlines():
-        jid, _, state = line.strip().partition("|")
+        jid, state, start, end = (line.strip().split("|") + ["", "", ""])[:4]
         if jid in wanted and state:
-            out[jid] = {**out.get(jid, {"start": "", "end": "", "exit_code": ""}), "state": state.strip()}
+            known = out.get(jid, {"start": "", "end": "", "exit_code": ""})
+            # squeue's times of a pending/running job are expected ones, not facts
+            final = state.strip() in FINAL_STATES
+            times = {k: v for k, v in (("start", start), ("end", end)) if final and not known[k] and v != "N/A"}
+            out[jid] = {**known, **times, "state": state.strip()}
     return out
 
 
