@@ -275,10 +275,12 @@ def test_sqlite_memory_bomb_is_bounded(sqlite_url):
     bomb = ("WITH RECURSIVE r(n, pad) AS (SELECT 1, randomblob(1000) UNION SELECT n + 1, randomblob(1000) FROM r) "
             "SELECT count(*) FROM r")
     t0 = time.monotonic()
-    # The child reports its own peak: RUSAGE_CHILDREN would be the largest of every child this
-    # pytest process has waited for (training subprocesses of other tests included).
-    child = ("import resource, sys\nfrom orchestrator.cli import main\nrc = main(sys.argv[1:])\n"
-             "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(rc)")
+    # The child reports the peak of its own address space (VmHWM, reset by exec). Neither
+    # RUSAGE_CHILDREN (the largest child pytest ever waited for) nor the child's ru_maxrss (which
+    # keeps the forked pytest's RSS across exec) measures the query.
+    child = ("import re, sys\nfrom orchestrator.cli import main\nrc = main(sys.argv[1:])\n"
+             "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+             "print('PEAK_KIB', hwm, file=sys.stderr)\nsys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", child, "query", bomb, "--db", sqlite_url, "--timeout", "60"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "query stopped" in out.stderr, out.stderr
