@@ -50,11 +50,24 @@ def ready(plan: Plan, h: str, stage: str, states: dict) -> str | None:
     return "run"
 
 
+def limit_threads(threads: int) -> None:
+    """Give this task ``threads`` intra-op threads, so ``max_parallel`` tasks share the cores.
+
+    The parent usually has not imported torch (validation is torch-free), so the limit must
+    reach torch through the environment before its first import; 2 tasks × 2 spinning OpenMP
+    threads on 2 cores ran the quickstart ~10× slower.  A user's OMP_NUM_THREADS wins.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def _child(stage: str, run_root: str, log: str, threads: int, parent_pid: int) -> None:
     """Body of one local task (a forked process): stdout/stderr to its log file."""
     die_with_parent(parent_pid)
-    if "torch" in sys.modules and "OMP_NUM_THREADS" not in os.environ:
-        sys.modules["torch"].set_num_threads(threads)  # max_parallel tasks share the cores
+    limit_threads(threads)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

@@ -3,6 +3,7 @@ orchestrator, a run shared by two sweeps, lost Slurm jobs, scancel failing, --wa
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -197,3 +198,19 @@ def test_job_requeued_held_after_a_special_exit_is_final(slurm_cluster, tmp_path
         assert "SPECIAL_EXIT" in st.error_tail
     finally:
         subprocess.run(["scancel", jid], capture_output=True)
+
+
+def test_local_task_thread_limit_reaches_torch_imported_after_fork():
+    """The orchestrator no longer imports torch before forking (torch-free validation): the
+    task's thread limit must still reach torch, or max_parallel tasks oversubscribe the cores."""
+    code = ("import os, sys\n"
+            "os.environ.pop('OMP_NUM_THREADS', None)\n"
+            "from orchestrator.executors.local import limit_threads\n"
+            "assert 'torch' not in sys.modules\n"
+            "limit_threads(1)\n"
+            "import torch\n"
+            "print(torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "1"
