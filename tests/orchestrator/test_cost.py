@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -132,7 +133,11 @@ def test_actual_hours_from_real_slurm_accounting(slurm_cluster, tmp_path):  # no
     assert main(["submit", str(path), "--db", url, "--wait"]) == 0
     store = Store(url)
     # submit --wait records them when the stages end (sacct may lag: then the next refresh does)
-    cost.record_actual(store, "cost")
+    deadline = time.monotonic() + 60
+    while runs_table(store, sweep="cost").get("selftest_cpu_hours_backbone", pd.Series([None])).isna().any():
+        assert time.monotonic() < deadline, "sacct never reported the jobs' usage"
+        cost.record_actual(store, "cost")  # a job slurmdbd has not stored yet is recorded on a later call
+        time.sleep(1)
     assert cost.record_actual(store, "cost") == 0  # recorded once
     table = runs_table(store, sweep="cost")
     assert set(table["selftest_cpu_hours_backbone"]) == {"sacct"}
