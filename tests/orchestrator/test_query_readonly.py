@@ -112,6 +112,16 @@ def _snapshot(url: str) -> dict:
     return out
 
 
+def _drop_role(pg_url: str, role: str) -> None:
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(with_driver(pg_url), isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql(f"DROP OWNED BY {role}")
+        c.exec_driver_sql(f"DROP ROLE {role}")
+    eng.dispose()
+
+
 @pytest.fixture
 def pg_reader(pg_url, run_cli):
     """A filled PostgreSQL database and a fresh LOGIN reader role made by `db grant-reader`."""
@@ -122,11 +132,7 @@ def pg_reader(pg_url, run_cli):
     out = run_cli("db", "grant-reader", "--db", pg_url, "--role", role, "--login")
     assert out.returncode == 0, out.stderr
     yield pg_url, role
-    eng = sa.create_engine(with_driver(pg_url), isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.exec_driver_sql(f"DROP OWNED BY {role}")
-        c.exec_driver_sql(f"DROP ROLE {role}")
-    eng.dispose()
+    _drop_role(pg_url, role)
 
 
 @pytest.mark.postgres
@@ -203,11 +209,7 @@ def test_pg_group_role_via_set_role(pg_url, run_cli):
         out = run_cli("query", "SELECT 1", "--db", url, "--role", "nosuchrole")
         assert out.returncode == 2 and "grant-reader" in out.stderr
     finally:
-        eng = sa.create_engine(with_driver(pg_url), isolation_level="AUTOCOMMIT")
-        with eng.connect() as c:
-            c.exec_driver_sql(f"DROP OWNED BY {role}")
-            c.exec_driver_sql(f"DROP ROLE {role}")
-        eng.dispose()
+        _drop_role(pg_url, role)
 
 
 @pytest.mark.postgres

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from orchestrator.db import Store
-from orchestrator.sweep import SweepError, load_sweep
+from orchestrator.sweep import load_sweep
+from test_sweep import errors_of
 
 SELFTEST = {"selftest": {"needs": []}}
 
@@ -23,11 +24,6 @@ def write(tmp_path, fname="sweep.yaml", **fields):
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
-
-def errors_of(path) -> list[str]:
-    with pytest.raises(SweepError) as e:
-        load_sweep(path)
-    return e.value.errors
 
 
 @pytest.mark.parametrize("stages, key, words", [
