@@ -10,14 +10,12 @@ import importlib
 import os
 import sys
 
+from orchestrator.errors import UsageError  # re-exported: older imports and plug-ins use it
+
 # Order = order in --help.
 COMMANDS = ["submit", "status", "query", "ingest", "retry", "cancel", "figures", "report", "db"]
 
 DEFAULT_DB = "sqlite:///results.db"
-
-
-class UsageError(Exception):
-    """Bad input: reported on stderr, exit code 2."""
 
 
 def db_url(args: argparse.Namespace) -> str:

@@ -55,10 +55,10 @@ class SubmitResult:
 def open_store(url: str) -> Store:
     """The store at ``url``; a database without any schema is created (first submission).
 
-    Raises :class:`orchestrator.cli.UsageError` for a database at an older schema revision
+    Raises :class:`orchestrator.errors.UsageError` for a database at an older schema revision
     (migrations never run implicitly: ``orchestrate db upgrade``).
     """
-    from orchestrator.cli import UsageError
+    from orchestrator.errors import UsageError
     from orchestrator.db.store import SchemaError
 
     store = Store(url)
@@ -186,7 +186,7 @@ def _preflight(sweep: Sweep) -> None:
     anything is written or handed over: errors -> UsageError (exit 2), warnings -> stderr."""
     import sys
 
-    from orchestrator.cli import UsageError
+    from orchestrator.errors import UsageError
     from orchestrator.preflight import preflight
 
     problems = preflight(sweep)

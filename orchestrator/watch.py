@@ -172,7 +172,7 @@ def watch_status(store, sweep: str | None, names: list[str], refresh: Callable |
                  console=None) -> int:
     """``orchestrate status --watch``: refresh + live view until nothing is active.  Ctrl-C
     stops watching and leaves every job alone.  Exit 1 when a stage failed."""
-    from orchestrator.cli import UsageError
+    from orchestrator.errors import UsageError
     from orchestrator.cost import record_actual
 
     if sweep is None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from orchestrator.cli import UsageError, db_url
+from orchestrator.cli import db_url
+from orchestrator.errors import UsageError
 
 DEFAULT_RUNS_DIR = "runs"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.cli import UsageError, db_url
+from orchestrator.cli import db_url
+from orchestrator.errors import UsageError
 
 NAME = "cancel"
 HELP = "cancel the queued/running jobs of a sweep (scancel) and mark them cancelled"

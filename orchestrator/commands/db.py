@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.cli import UsageError, db_url
+from orchestrator.cli import db_url
+from orchestrator.errors import UsageError
 
 NAME = "db"
 HELP = "create / migrate the results database schema, show or stamp its revision"

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.cli import UsageError
+from orchestrator.errors import UsageError
 from orchestrator.commands._common import open_existing
 
 NAME = "figures"

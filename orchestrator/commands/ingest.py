@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from orchestrator.cli import UsageError, db_url
+from orchestrator.cli import db_url
+from orchestrator.errors import UsageError
 from orchestrator.commands._common import runs_dir_default
 
 NAME = "ingest"

@@ -13,7 +13,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from orchestrator.cli import UsageError, db_url
+from orchestrator.cli import db_url
+from orchestrator.errors import UsageError
 from orchestrator.commands._common import open_existing
 
 if TYPE_CHECKING:  # pandas is imported when a query runs, not when the CLI parses (0.5 s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.cli import UsageError
+from orchestrator.errors import UsageError
 from orchestrator.commands._common import open_existing
 
 NAME = "report"

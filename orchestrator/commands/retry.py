@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.cli import UsageError, db_url
+from orchestrator.cli import db_url
+from orchestrator.errors import UsageError
 from orchestrator.commands.submit import submit_and_report
 from orchestrator.sweep import EXECUTORS, SweepError
 

@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections import Counter
 
-from orchestrator.cli import UsageError
+from orchestrator.errors import UsageError
 from orchestrator.commands._common import open_existing
 
 NAME = "status"

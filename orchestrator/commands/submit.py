@@ -5,7 +5,8 @@ import argparse
 import contextlib
 import json
 
-from orchestrator.cli import UsageError, db_url
+from orchestrator.cli import db_url
+from orchestrator.errors import UsageError
 from orchestrator.sweep import EXECUTORS, SweepError, load_sweep
 
 NAME = "submit"
