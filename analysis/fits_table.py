@@ -6,11 +6,10 @@ A line is a group of runs that differ only in the scaled quantity and in seed: f
 tokens (and GFLOPs "tokens ↑") the patch size varies, for x = decoder parameters (and
 GFLOPs "decoder ↑") the decoder size varies; every other varying design column separates
 lines (never pooled).  The exponent α of ``L = E + A·x^(−α)`` is reported with its 95 %
-bootstrap interval; an interval containing 0 reads "no trend".
+profile-t interval (:mod:`analysis.fits`); the trend verdict is the calibrated test there.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ import pandas as pd
 from analysis.common import Output, aggregate, describe, extra_keys, metric_label, prepare
 from analysis.fits import ALPHA_BOUNDS
 from analysis.paper import paper_runs
-from analysis.render import fit_rows, write_table
+from analysis.protocol import protocol_column, short
+from analysis.render import fit_rows, write_json, write_table
 
 FIT_METRICS = ["rfid", "gfid"]
 # (x column, x label, the design column that moves x along a line)
@@ -46,18 +46,26 @@ def _verdict(f) -> str:
 
 
 def fit_lines(df: pd.DataFrame, metric: str, x: str, vary: str) -> list[tuple[str, object]]:
-    """``(line label, PowerLawFit)`` per line of ``df`` with ≥ 3 distinct x values."""
+    """``(line label, PowerLawFit)`` per line of ``df`` with ≥ 3 distinct x values.
+
+    Runs measured under different evaluation protocols (:mod:`analysis.protocol`) are
+    separate lines, labelled by what differs, never one fit."""
     if x not in df or metric not in df:
         return []
     keys = [k for k in extra_keys(df, [vary]) if not (vary == "model.patch_size" and k == "tokens")]
-    agg = aggregate(df, keys + [vary], [metric])
-    lines = agg.groupby(keys, dropna=False, sort=True) if keys else [((), agg)]
+    df = df.assign(_protocol=protocol_column(df, metric))
+    protocols = sorted(df.loc[pd.to_numeric(df[metric], errors="coerce").notna(), "_protocol"].unique())
+    agg = aggregate(df, keys + ["_protocol", vary], [metric])
+    lines = agg.groupby(keys + ["_protocol"], dropna=False, sort=True)
     out = []
     for key, g in lines:
         key = key if isinstance(key, tuple) else (key,)
         fit = fit_rows(df, [h for hs in g["run_hashes"] for h in hs], x, metric)
         if fit is not None:
-            out.append((describe({**dict(zip(keys, key)), "stc": bool(g["stc"].iloc[0])}, keys) or "all runs", fit))
+            label = describe({**dict(zip(keys, key)), "stc": bool(g["stc"].iloc[0])}, keys) or "all runs"
+            if len(protocols) > 1:
+                label += f" [{short(key[-1], protocols)}]"
+            out.append((label, fit))
     return out
 
 
@@ -69,7 +77,7 @@ def _rows(df: pd.DataFrame, source: str) -> list[dict]:
                 bb = sorted({str(b) for b in df.get(f"{metric}_backbone", pd.Series(dtype=object)).dropna()})
                 rows.append({
                     "source": source, "metric": metric_label(metric, bb), "x": xlabel, "line": line,
-                    "runs": f.n, "x values": f.n_x, "bootstrap": f.method,
+                    "runs": f.n, "x values": f.n_x, "intervals": f.method,
                     "alpha": f.alpha, "alpha_low": f.alpha_ci[0], "alpha_high": f.alpha_ci[1],
                     "E": f.E, "E_low": f.E_ci[0], "E_high": f.E_ci[1], "A": f.A,
                     "trend": f.trend, "verdict": _verdict(f),
@@ -90,10 +98,7 @@ def fits(runs: pd.DataFrame, out_dir: Path, with_paper: bool = False) -> Output:
                  "nothing to fit")
         return out
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "fits.json"
-    path.write_text(json.dumps(rows, indent=1, default=float) + "\n")
-    out.files.append(path)
+    out.files.append(write_json(rows, out_dir, "fits"))
 
     def ci(v, lo, hi, fmt):
         return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else f"{v:{fmt}}"
@@ -102,9 +107,9 @@ def fits(runs: pd.DataFrame, out_dir: Path, with_paper: bool = False) -> Output:
         "source": r["source"], "metric": r["metric"], "x": r["x"], "line": r["line"], "runs": r["runs"],
         "x values": r["x values"], "α [95 % CI]": ci(r["alpha"], r["alpha_low"], r["alpha_high"], ".2f"),
         "E [95 % CI]": ci(r["E"], r["E_low"], r["E_high"], ".3g"), "A": f"{r['A']:.3g}",
-        "bootstrap": r["bootstrap"], "verdict": r["verdict"],
+        "verdict": r["verdict"],
     } for r in rows])
     out.files += write_table(table, out_dir, "fits",
-                             "Scaling-law fits L = E + A·x^(−α) (log space, Huber, multi-start L-BFGS; 95 % "
-                             "bootstrap intervals, the log residuals of every run and seed resampled)")
+                             "Scaling-law fits L = E + A·x^(−α) (log space, Huber, multi-start; 95 % intervals: "
+                             "profile-t for α and E, Wald-t for A, n − 3 residual dof; every run and seed a point)")
     return out

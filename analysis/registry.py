@@ -1,7 +1,9 @@
 """Name -> figure/table function, with what each needs, and the driver that runs them all.
 
 Every function takes the runs frame (``orchestrator.query.runs_table`` shape), an output
-folder and ``with_paper``; Fig. 6 also takes the metric history.  Each returns an
+folder and ``with_paper``; Fig. 6 also takes the metric history, ``predictions`` the recorded
+predictions (``orchestrator.query.predictions_table`` shape).  The frames are read by the
+caller (``orchestrator.commands.figures.load_frames``): analysis imports no orchestrator.  Each returns an
 :class:`analysis.common.Output` (files written + warnings) and never raises for missing
 data.
 """
@@ -21,7 +23,9 @@ from analysis.fig6_convergence import NAMES as HISTORY_NAMES
 from analysis.fig6_convergence import fig6_convergence
 from analysis.fig8_gflops import fig8_gflops
 from analysis.fits_table import fits
+from analysis.joint import joint_fits
 from analysis.paper import paper_table, table_names, load_paper_data
+from analysis.predictions_table import predictions
 from analysis.render import write_table
 from analysis.table1_structure_loss import METRICS as TABLE1_METRICS
 from analysis.table1_structure_loss import table1_structure_loss
@@ -36,6 +40,7 @@ class Entry:
     metrics: tuple[str, ...]  # metrics it reads
     history: bool = False  # also needs metric_history (per-step values)
     paper: str = ""  # paper tables it can draw beside the user's values
+    recorded: bool = False  # also takes the recorded predictions
 
 
 REGISTRY: dict[str, Entry] = {e.name: e for e in [
@@ -52,6 +57,8 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in [
     Entry("table9_lambda_ssl", table9_lambda_ssl, tuple(ABLATION_METRICS), paper="table9"),
     Entry("table10_channels", table10_channels, tuple(ABLATION_METRICS), paper="table10"),
     Entry("fits", fits, ("rfid", "gfid", "gflops_total", "params_decoder"), paper="table3"),
+    Entry("joint_fits", joint_fits, ("rfid", "gfid", "params_decoder", "gflops_total")),
+    Entry("predictions", predictions, ("rfid", "gfid"), recorded=True),
 ]}
 
 
@@ -67,7 +74,8 @@ def write_paper_tables(out_dir: Path) -> Output:
 
 
 def generate(runs: pd.DataFrame, out_dir: str | Path, history: pd.DataFrame | None = None,
-             with_paper: bool = False, only: list[str] | None = None) -> list[Output]:
+             with_paper: bool = False, only: list[str] | None = None,
+             predictions: pd.DataFrame | None = None) -> list[Output]:
     """Run every registered function (or those in ``only``) on the frames.
 
     An unexpected exception in one function becomes a warning on its Output (with the
@@ -94,6 +102,8 @@ def generate(runs: pd.DataFrame, out_dir: str | Path, history: pd.DataFrame | No
                 out.warn("no runs in the database selection; skipped")
             elif entry.history:
                 out = entry.fn(runs, history, out_dir, with_paper=with_paper)
+            elif entry.recorded:
+                out = entry.fn(runs, out_dir, with_paper=with_paper, recorded=predictions)
             else:
                 out = entry.fn(runs, out_dir, with_paper=with_paper)
         except Exception as e:  # noqa: BLE001 - reported, never swallowed silently
@@ -104,13 +114,3 @@ def generate(runs: pd.DataFrame, out_dir: str | Path, history: pd.DataFrame | No
     if with_paper:
         outputs.append(write_paper_tables(out_dir))
     return outputs
-
-
-def load_frames(store, sweep: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(runs_table, metric_history of gfid/IS)`` of one sweep (or all) from a Store."""
-    from orchestrator.query import BASE_COLUMNS, metric_history, runs_table
-
-    if not store.runs(sweep=sweep):  # nothing to read (runs_table needs at least one run)
-        empty = pd.DataFrame(columns=BASE_COLUMNS)
-        return empty, pd.DataFrame(columns=["run_hash", "sweep", "stage", "name", "step", "value", "backbone"])
-    return runs_table(store, sweep=sweep), metric_history(store, HISTORY_NAMES, sweep=sweep)

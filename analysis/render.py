@@ -4,6 +4,7 @@ and :func:`cell_table` (one row per cell, metric columns, optional paper columns
 """
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from analysis.common import (  # noqa: E402
     fmt_value, metric_label, warn_grid, warn_missing,
 )
 from analysis.fits import describe_fit, fit_power_law  # noqa: E402
+from analysis.protocol import FIELDS, protocol_column  # noqa: E402
 from analysis.stats import NS_MARK, NS_NOTE, not_significant  # noqa: E402
 
 CI_NOTE = "points: mean over seeds; error bars: 95 % t-interval of the mean (none where n = 1); n beside each point"
@@ -78,6 +80,14 @@ def write_table(frame: pd.DataFrame, out_dir: Path, stem: str, caption: str) -> 
     paths[0].write_text("\n".join(md) + "\n")
     paths[1].write_text("\n".join(tex) + "\n")
     return paths
+
+
+def write_json(obj, out_dir: Path, stem: str) -> Path:
+    """Write ``stem.json`` (numpy scalars as floats) into ``out_dir``, created if missing."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(obj, indent=1, default=float) + "\n")
+    return path
 
 
 def _key_text(col: str, value, row: dict) -> str:
@@ -228,8 +238,11 @@ def _draw_lines(ax, agg: pd.DataFrame, x: str, line_keys: list[str], metric: str
 
 def fit_rows(raw: pd.DataFrame, hashes, x: str, metric: str):
     """Power-law fit of ``metric`` vs ``x`` over the runs ``hashes`` of ``raw`` (every seed a
-    data point), or None when fewer than 3 distinct positive x values have a value."""
+    data point), or None when fewer than 3 distinct positive x values have a value or the
+    runs mix evaluation protocols (:mod:`analysis.protocol`; the fits table splits them)."""
     rows = raw[raw["run_hash"].isin(list(hashes))]
+    if metric in FIELDS and metric in rows and rows[metric].notna().any() and protocol_column(rows[rows[metric].notna()], metric).nunique() > 1:
+        return None
     xs = pd.to_numeric(rows[x], errors="coerce") if x in rows else pd.Series(dtype=float)
     ys = pd.to_numeric(rows[metric], errors="coerce") if metric in rows else pd.Series(dtype=float)
     ok = xs.notna() & ys.notna() & (xs > 0) & (ys > 0)
@@ -245,7 +258,7 @@ def _cached_fit(xs: tuple, ys: tuple):
 
 
 def draw_fit(ax, fit, color, label: str = "") -> None:
-    """The fitted curve (thin dashed) and its 95 % bootstrap band over the fitted x range."""
+    """The fitted curve (thin dashed) and its 95 % t-band (parameter uncertainty) over the fitted x range."""
     grid = np.geomspace(fit.x_range[0], fit.x_range[1], 60)
     band_lo, band_hi = fit.band(grid)
     ax.plot(grid, fit.predict(grid), ls=(0, (4, 2)), lw=1.0, color=color, gid="fit",
@@ -268,7 +281,7 @@ def line_figure(out: Output, df: pd.DataFrame, x: str, xlabel: str, line_keys: l
     """Rows of panels = ``metrics``; columns = groups of the varying design columns not in
     ``line_keys``; with ``paper``, one more column drawn from the paper's rows (hollow
     markers, dashed, titled ``paper_title``).  ``fit``: each line with ≥ 3 x values also gets
-    its power-law fit with a 95 % bootstrap band (:mod:`analysis.fits`), the paper's too.
+    its power-law fit with a 95 % t-band (:mod:`analysis.fits`), the paper's too.
     Nothing drawn -> skipped with a warning."""
     # patch size determines the token count: never a facet of a token-count axis
     facets = [k for k in extra_keys(df, line_keys + [x]) if not (x == "tokens" and k == "model.patch_size")]

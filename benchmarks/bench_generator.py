@@ -2,26 +2,25 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generator.py --sizes micro mini S --latent 16 4
 
-One step = flow-matching loss, backward, grad clip, AdamW, EMA update (the loop in
-core.generator.train).  Sampling = one Euler step (one DiT forward) on a batch.
+One step = flow-matching loss, backward, grad clip, AdamW, EMA update (the generator's
+step in core.generator.train).  Sampling = one Euler step (one DiT forward) on a batch.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
 
 from core.generator.flow import flow_loss, shift_for
-from core.generator.train import update_ema
+from core.trainer.ema import EMA
 from core.models.dit import DiT
 
 
 def bench_size(size: str, c: int, h: int, batch: int, steps: int, warmup: int, device: str) -> dict:
     torch.manual_seed(0)
     model = DiT(size, latent_channels=c, latent_size=h, num_classes=10).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, 0.9995)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
     x = torch.randn(batch, c, h, h, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -33,7 +32,7 @@ def bench_size(size: str, c: int, h: int, batch: int, steps: int, warmup: int, d
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        update_ema(ema, model, 0.9995)
+        ema.update(model)
 
     def timed(fn, n):
         for _ in range(warmup):
@@ -50,7 +49,7 @@ def bench_size(size: str, c: int, h: int, batch: int, steps: int, warmup: int, d
     train_s = timed(step, steps)
     t = torch.full((batch,), 0.5, device=device)
     with torch.no_grad():
-        fwd_s = timed(lambda: ema(x, t, y), steps)
+        fwd_s = timed(lambda: ema.shadow(x, t, y), steps)
     return {"size": size, "params_M": model.num_params() / 1e6, "train_ms": 1e3 * train_s,
             "train_latents_per_s": batch / train_s, "forward_ms": 1e3 * fwd_s}
 

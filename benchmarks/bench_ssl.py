@@ -7,13 +7,27 @@ Run by hand (numbers go to the report, never to tests):
 
 SSL-off and SSL-on steps alternate, so load on a shared machine affects both alike.
 
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ssl.py --loop-before HEAD [--steps 10] [--rounds 3]
+
+times the real loop (``Trainer.run``: loader, device augmentations, joint iBOT step) of this
+tree against the code of git revision ``HEAD`` (exported with ``git archive``), each in a
+fresh process, alternating: main-thread CPU seconds and wall seconds per step, and the
+ratio before / after.  On a CPU the "device" work is this process's work too, so the CPU
+time here is the step's total, not the host overhead a GPU run would see.
+
 A step is: tokenizer forward, L1 reconstruction loss [+ λ_ssl · SSL loss], backward,
 AdamW step [+ teacher EMA].  Perceptual loss is left out so the ratio isolates SSL.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -116,6 +130,51 @@ def mask_times(batch: int = 128, grids=(16, 32, 64), repeats: int = 3) -> None:
         print(f"masks  {batch} x {T}x{T} grid: {(time.perf_counter() - t) / repeats * 1e3:7.1f} ms")
 
 
+LOOP = {"data.image_size": 32, "data.batch_size": 32, "data.train_size": 1024, "model.patch_size": 4,
+        "model.split_depth": 2, "model.latent_size": 4, "model.latent_channels": 8, "model.class_token": True,
+        "loss.perceptual": 0.0, "ssl.method": "ibot", "ssl.out_dim": 256, "ssl.hidden_dim": 256,
+        "ssl.bottleneck_dim": 64, "ssl.local_crops": 2, "data.hflip": True, "train.device": "cpu"}
+
+
+def loop_child(steps: int) -> None:
+    """In a fresh process whose ``core`` is the tree under test: CPU and wall seconds per loop step."""
+    from core.config import load_config
+    from core.seed import seed_everything
+    from core.train import build_trainer
+    from core.trainer.distributed import DistInfo
+
+    cfg = load_config(None, {**LOOP, "train.steps": steps + 2, "train.log_every": steps + 2,
+                             "train.ckpt_every": steps + 2})
+    seed_everything(0)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer, _, _ = build_trainer(cfg, run_dir, DistInfo())
+        trainer.run(stop_at_step=2)  # warm-up
+        cpu, wall = time.thread_time(), time.perf_counter()
+        trainer.run()
+        print(json.dumps({"cpu_s": (time.thread_time() - cpu) / steps, "wall_s": (time.perf_counter() - wall) / steps}))
+
+
+def loop_before_after(rev: str, steps: int, rounds: int) -> None:
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as old:
+        archive = subprocess.run(["git", "-C", str(root), "archive", rev, "core"], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+        trees, runs = {"before": old, "after": str(root)}, {"before": [], "after": []}
+        for _ in range(rounds):  # alternate, so load on a shared machine hits both alike
+            for name, tree in trees.items():
+                env = {**os.environ, "PYTHONPATH": tree}
+                out = subprocess.run([sys.executable, __file__, "--loop-child", "--steps", str(steps)], env=env,
+                                     cwd=tree, check=True, capture_output=True, text=True)
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {n: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in ("cpu_s", "wall_s")} for n, rs in runs.items()}
+    print(f"real loop, joint iBOT, batch {LOOP['data.batch_size']} at {LOOP['data.image_size']} px, "
+          f"threads={os.environ.get('OMP_NUM_THREADS', 'all')}, median of {rounds}: before = {rev}")
+    for n, m in med.items():
+        print(f"  {n:6s} main-thread CPU {m['cpu_s'] * 1e3:8.1f} ms/step   wall {m['wall_s'] * 1e3:8.1f} ms/step")
+    print(f"  before/after: CPU {med['before']['cpu_s'] / med['after']['cpu_s']:.2f}x  "
+          f"wall {med['before']['wall_s'] / med['after']['wall_s']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -125,7 +184,17 @@ def main() -> None:
     parser.add_argument("--head", default="default", choices=["default", "small"],
                         help="SSL head size: config defaults (out 1024, hidden 2048) or small (256/256)")
     parser.add_argument("--masks-only", action="store_true", help="only time block masks on large grids")
+    parser.add_argument("--loop-before", default=None, metavar="REV",
+                        help="time the real loop of this tree against git revision REV (CPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="--loop-before: alternating runs per tree")
+    parser.add_argument("--loop-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loop_child:
+        loop_child(args.steps)
+        return
+    if args.loop_before:
+        loop_before_after(args.loop_before, args.steps, args.rounds)
+        return
     device = torch.device(args.device)
     if args.masks_only:
         mask_times()

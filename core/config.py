@@ -12,6 +12,7 @@ the section(s) it needs (never the whole tree).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -31,8 +32,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["synthetic", "imagefolder"] = "synthetic"
-    root: str | None = None  # ImageFolder root holding train/ and val/ (ImageNet layout)
+    name: Literal["synthetic", "imagefolder", "fashion_mnist"] = "synthetic"
+    root: str | None = None  # ImageFolder root holding train/ and val/; fashion_mnist: idx folder, None = Debian's
     image_size: int = 32  # H = W; ImageFolder: resize + center crop to this (ImageNet-256 protocol)
     num_classes: int = 10  # synthetic only; ImageFolder counts its folders
     train_size: int = 4096  # synthetic only
@@ -129,12 +130,12 @@ class TrainConfig(Section):
     ckpt_every: int = 50
     keep_last: int = 3
     log_every: int = 10
-    compile: bool | None = None  # torch.compile the transformer blocks; None = on for CUDA, off on CPU
+    compile: bool | None = None  # torch.compile the tokenizer's encoder/decoder (the DiT whole); None/false = eager (benchmarks/README.md)
 
 
 class EvalConfig(Section):
     num_samples: int = 512  # held-out images for PSNR/SSIM/LPIPS/rFID
-    fid_backbone: Literal["auto", "inception", "embedded"] = "auto"
+    fid_backbone: Literal["auto", "inception", "embedded", "embedded-fmnist"] = "auto"  # embedded-fmnist: Fashion-MNIST featnet
     inception_weights: str | None = None  # local pt_inception-2015-12-05 weights
     probe: Literal["ridge", "sgd"] = "ridge"
     probe_train: int = 2048
@@ -292,6 +293,35 @@ def config_hash(cfg: RunConfig) -> str:
     """Content hash of the resolved config: 16 hex chars of sha256 over canonical JSON."""
     blob = json.dumps(config_dict(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def non_default(tree: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict:
+    """The leaves of a config dict (``config_dict``) that differ from the schema defaults,
+    nested like the input.  A key added later with a default that keeps the old behaviour is
+    therefore absent from old and new configs alike: identities built on this form do not move
+    when the schema grows (orchestrator.identity)."""
+    if defaults is None:
+        defaults = _default_dict()
+    out: dict = {}
+    for k, v in tree.items():
+        d = defaults.get(k, _MISSING)
+        if isinstance(v, dict) and isinstance(d, dict):
+            if v == d:  # a whole default section: one C-level comparison (most sections of a sweep)
+                continue
+            sub = non_default(v, d)
+            if sub:
+                out[k] = sub
+        elif d is _MISSING or d != v or type(d) is not type(v):
+            out[k] = v
+    return out
+
+
+_MISSING = object()
+
+
+@functools.cache
+def _default_dict() -> dict:
+    return config_dict(RunConfig())  # read-only: shared by every caller
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

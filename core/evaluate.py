@@ -25,20 +25,21 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import numpy as np
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from core.config import ConfigError, RunConfig, config_hash, load_config, save_config
+from core import stage as S
+from core.config import ConfigError, RunConfig, config_hash, load_config
 from core.data import balanced_subset, build_dataset, dataset_labels, subset_info
 from core.eval.fid import FeatureStatistics, FidelityFeatures, frechet_distance, resolve_backbone
 from core.eval.metrics import psnr, psnr_mean, ssim, to_uint8
 from core.eval.probe import linear_probe, structure_loss
-from core.io import read_complete_result, write_json_atomic
+from core.io import write_json_atomic
 from core.losses.perceptual import build_perceptual_loss
+from core.models.load import load_tokenizer
 from core.seed import seed_everything
 from core.trainer.distributed import resolve_device
 
@@ -113,24 +114,12 @@ def probe_features(model, dataset, indices: np.ndarray, cfg: RunConfig, device: 
     return before, after, labels
 
 
-def _metric(name: str, value: float, step: int | None, backbone: str | None, num_samples: int) -> dict[str, Any]:
-    return {"name": name, "value": value, "step": step, "backbone": backbone, "num_samples": num_samples}
-
-
 def _tokenizer_step(tokenizer_dir: Path) -> int | None:
     # The tokenizer's final step, from its result.json (None when it has none yet).
     try:
         return int(json.loads((tokenizer_dir / "result.json").read_text())["info"]["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _prepare_out_dir(cfg: RunConfig, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved = out_dir / "config.yaml"
-    if saved.exists() and config_hash(load_config(saved)) != config_hash(cfg):
-        raise ConfigError(f"{saved}: the directory holds an evaluation of a different config; use a new --out-dir")
-    save_config(cfg, saved)
 
 
 def evaluate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
@@ -151,20 +140,16 @@ def evaluate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> 
     ------
     ConfigError when the configs disagree or a sample count exceeds its split.
     """
-    from core.train import load_tokenizer  # the trainer's loader (EMA weights when kept)
-
     tokenizer_dir, out_dir = Path(tokenizer_dir).resolve(), Path(out_dir).resolve()
-    done = read_complete_result(out_dir / "result.json", STAGE, METRICS)
+    done = S.done(out_dir, STAGE, METRICS)
     if done is not None:
         log.info("evaluation %s is complete; returning its result.json", out_dir)
         return done
-    _prepare_out_dir(cfg, out_dir)
+    S.claim(cfg, out_dir, STAGE, "an evaluation")
     device = resolve_device(cfg.train.device)
     seed = seed_everything(cfg.train.seed)
     model, tok_cfg = load_tokenizer(tokenizer_dir, ema=True, map_location=device)
-    for section in ("model", "data"):
-        if getattr(tok_cfg, section) != getattr(cfg, section):
-            raise ConfigError(f"{tokenizer_dir}/config.yaml: its '{section}' section differs from the evaluation config")
+    S.check_tokenizer(tok_cfg, cfg, tokenizer_dir)
 
     t0 = time.time()
     val, train = build_dataset(cfg.data, "val"), build_dataset(cfg.data, "train")
@@ -182,13 +167,13 @@ def evaluate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path) -> 
 
     step = _tokenizer_step(tokenizer_dir)
     metrics = [
-        _metric("psnr", rec["psnr"], step, None, n_rec),
-        _metric("ssim", rec["ssim"], step, None, n_rec),
-        _metric("lpips", rec["lpips"], step, rec["lpips_backbone"], n_rec),
-        _metric("rfid", rec["rfid"], step, rec["fid_backbone"], n_rec),
-        _metric("probe_acc_before", before["acc"], step, None, n_pval),
-        _metric("probe_acc_after", after["acc"], step, None, n_pval),
-        _metric("structure_loss", structure_loss(before["acc"], after["acc"]), step, None, n_pval),
+        S.metric_row("psnr", rec["psnr"], step, None, n_rec),
+        S.metric_row("ssim", rec["ssim"], step, None, n_rec),
+        S.metric_row("lpips", rec["lpips"], step, rec["lpips_backbone"], n_rec),
+        S.metric_row("rfid", rec["rfid"], step, rec["fid_backbone"], n_rec),
+        S.metric_row("probe_acc_before", before["acc"], step, None, n_pval),
+        S.metric_row("probe_acc_after", after["acc"], step, None, n_pval),
+        S.metric_row("structure_loss", structure_loss(before["acc"], after["acc"]), step, None, n_pval),
     ]
     result = {
         "stage": STAGE,

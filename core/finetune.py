@@ -162,17 +162,14 @@ class FinetuneObjective:
         self.last_d_loss = state.get("last_d_loss")
 
 
-def build_objective(cfg: "RunConfig", model: nn.Module, device: torch.device | str, reconstruction=None,
+def build_objective(cfg: "RunConfig", model: nn.Module, reconstruction,
                     dist_info: D.DistInfo | None = None) -> FinetuneObjective:
     """The fine-tuning phase's adversarial Objective from a run config.
 
     ``reconstruction`` is the trainer's reconstruction objective (used for the adaptive
-    weight); when not given, an equal one is built from ``cfg.loss``.
+    weight; :func:`core.trainer.build.build_objectives` passes its own, so this module
+    never imports the trainer's objectives back).
     """
-    if reconstruction is None:
-        from core.trainer.objective import ReconstructionObjective
-
-        reconstruction = ReconstructionObjective(cfg.loss, device)
     return FinetuneObjective(cfg.finetune, model, cfg.loss.adversarial, reconstruction, seed=cfg.train.seed,
                              dist_info=dist_info)
 

@@ -7,120 +7,94 @@ shards (``data.num_workers`` loader workers; core.generator.latents) -> per-chan
 normalisation on access -> flow-matching DiT training (core.generator.train) -> after each
 step of ``generator.eval_at`` and after the last step: ``generator.num_samples`` samples of
 the EMA model with uniform class labels (label i mod K: N/K per class, e.g. 50 per class
-for 50k on ImageNet), decoded by the tokenizer -> gFID and IS (backbone from ``eval``,
-recorded beside each number).  The gFID reference is ``eval.fid_reference`` (precomputed
-mu/sigma, e.g. ADM's ImageNet-256 batch) when set, else a class-balanced subset of
-``generator.num_samples`` val images (``core.data.balanced_subset``, ``eval.subset_seed``);
-``info.gfid_reference`` says which.  Sampling, decoding and feature extraction stream
-batch by batch: only feature statistics and IS logits are kept.
+for 50k on ImageNet), sampled on every rank of the stage (each its share; bf16 autocast
+when ``train.precision`` is bf16 on CUDA), decoded by the tokenizer -> gFID and IS
+(core.generator.gfid; backbone from ``eval``, recorded beside each number).  The gFID
+reference is ``eval.fid_reference`` (precomputed mu/sigma, e.g. ADM's ImageNet-256 batch)
+when set, else a class-balanced subset of ``generator.num_samples`` val images
+(``core.data.balanced_subset``, ``eval.subset_seed``); ``info.gfid_reference`` says which.
 
 Writes ``out_dir/{config.yaml, log.jsonl, latents_train/, latent_stats.pt, checkpoints/,
 samples.png, result.json}``.  Called again it resumes from the latest checkpoint, or
-returns the existing result when ``result.json`` is complete.
+returns the existing result when ``result.json`` is complete.  A finished generator asked
+for more steps or more ``generator.eval_at`` points after its last step (the length keys,
+:data:`core.stage.LENGTH_KEYS`) is continued from its last checkpoint, evaluating only the
+new points; ``result.json`` then holds every point, old and new.
 """
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import math
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import torch
-import torchvision
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from core.config import ConfigError, RunConfig, config_dict, config_hash, load_config, save_config
+from core import stage as S
+from core.config import ConfigError, RunConfig, load_config
 from core.data import balanced_subset, build_dataset, dataset_labels, subset_info
-from core.eval.fid import (
-    FeatureStatistics, FidelityFeatures, frechet_distance, inception_score, load_reference_statistics, resolve_backbone,
-)
-from core.eval.metrics import to_uint8
-from core.generator.flow import guided, sample
+from core.eval.fid import IS_RULE, LEGACY_IS_RULE, FidelityFeatures, load_reference_statistics, resolve_backbone
+from core.generator.gfid import generator_fidelity, real_statistics
 from core.generator.latents import NormalizedLatents, cache_latents, load_or_compute_stats
-from core.generator.train import resolve_shift, train_generator
-from core.io import write_atomic, write_json_atomic
+from core.generator.train import eval_steps, resolve_shift, train_generator
+from core.io import write_json_atomic
+from core.models.load import load_tokenizer
 from core.seed import seed_everything
-from core.train import load_tokenizer
 from core.trainer import distributed as D
-from core.trainer.loop import use_compile
+from core.trainer.compile import use_compile
 
-SAMPLES_PNG_COUNT = 64
-
-
-class _Uint8View(Dataset):
-    """Items ``indices`` of ``dataset`` as their exact uint8 (3, H, W) bytes (``render_uint8``)."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.dataset.render_uint8(int(self.indices[i]))).permute(2, 0, 1)
+STAGE = "generator"
+METRICS = ("gfid", "inception_score", "generator_train_time_s")
 
 
-def real_statistics(dataset, n: int, seed: int, features: FidelityFeatures, batch_size: int = 64,
-                    num_workers: int = 0) -> tuple[dict, dict]:
-    """FID statistics of a class-balanced subset of ``min(n, len(dataset))`` images (exact bytes).
+def _finished_step(done: dict) -> int:
+    """The last step of a finished generator (its ``generator_train_time_s`` row)."""
+    return max(m["step"] for m in done["metrics"] if m["name"] == "generator_train_time_s")
 
-    Returns (stats, subset info); images are decoded by ``num_workers`` loader workers and
-    featurised ``batch_size`` at a time (only the running statistics are kept).
+
+def _is_rules(metrics: list[dict], earlier: dict, before: int | None) -> dict[str, list[int]]:
+    """IS split rule -> the steps whose IS it scored.  A result continued from step ``before``
+    keeps its earlier points' rules (``earlier``: that result's info; results written before
+    the rule was recorded used :data:`LEGACY_IS_RULE`), so analysis never mixes the two."""
+    steps = sorted(m["step"] for m in metrics if m["name"] == "inception_score")
+    rules = {rule: list(at) for rule, at in (earlier.get("inception_score_rules") or {}).items()}
+    if before is not None and not rules:
+        rules = {earlier.get("inception_score_rule", LEGACY_IS_RULE): [s for s in steps if s <= before]}
+    old = {s for at in rules.values() for s in at}
+    new = [s for s in steps if s not in old]
+    if new:
+        rules[IS_RULE] = sorted(rules.get(IS_RULE, []) + new)
+    return rules
+
+
+def _extends(done: dict, cfg: RunConfig, out_dir: Path) -> bool:
+    """Whether ``cfg`` asks the finished generator ``done`` for more (steps or later eval points).
+
+    Raises
+    ------
+    StageMismatch when it asks for less (fewer steps) or for an evaluation before the finished
+    step, which no continuation can measure.
     """
-    labels = dataset_labels(dataset)
-    indices = balanced_subset(labels, min(n, len(dataset)), seed)
-    stats = FeatureStatistics()
-    for images in DataLoader(_Uint8View(dataset, indices), batch_size=batch_size, num_workers=num_workers):
-        stats.update(features.features(images)[0])
-    return stats.statistics(), subset_info(labels, indices, seed)
-
-
-def uniform_labels(n: int, num_classes: int) -> torch.Tensor:
-    """Class labels (n,) of the samples: i mod K, so every class gets n // K or n // K + 1."""
-    return torch.arange(n) % num_classes
-
-
-@torch.no_grad()
-def sample_images(ema, tokenizer, stats, n: int, num_classes: int, latent_shape, gen, shift: float, seed: int,
-                  batch_size: int, device) -> Iterator[torch.Tensor]:
-    """Yield uint8 (B, 3, H, W) decoded samples, ``batch_size`` at a time (noise from ``seed``)."""
-    labels = uniform_labels(n, num_classes)
-    g = torch.Generator(device="cpu").manual_seed(seed)  # one stream, drawn batch by batch
-    for i in range(0, n, batch_size):
-        y = labels[i : i + batch_size].to(device)
-        noise = torch.randn(len(y), *latent_shape, generator=g).to(device)
-        z = sample(guided(ema, y, gen.cfg_scale), noise, gen.sample_steps, gen.sampler, shift)
-        yield to_uint8(tokenizer.decode(stats.denormalize(z))).cpu()
-
-
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    """uint8 (N, 3, H, W) -> a square-ish PNG grid."""
-    grid = torchvision.utils.make_grid(images, nrow=max(1, int(math.sqrt(len(images)))), padding=2)
-    buf = io.BytesIO()
-    Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(buf, format="PNG")
-    write_atomic(path, buf.getvalue())
-
-
-def _complete_result(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return result if result.get("info", {}).get("complete") else None
+    final = _finished_step(done)
+    measured = {m["step"] for m in done["metrics"] if m["name"] == "gfid"}
+    gen = cfg.generator
+    holds = f"a generator finished at step {final} (gFID at steps {sorted(measured)})"
+    if gen.steps < final:
+        raise S.StageMismatch(out_dir, holds, {"generator.steps": (final, gen.steps)},
+                              "a finished generator is not shortened; use a new directory")
+    missed = [s for s in eval_steps(gen) if s <= final and s not in measured]
+    if missed:
+        raise S.StageMismatch(out_dir, holds, {"generator.eval_at": (sorted(measured), gen.eval_at)},
+                              f"steps {missed} lie before step {final} and cannot be measured by continuing; "
+                              "use a new directory")
+    return gen.steps > final
 
 
 def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, stop_at_step: int | None = None) -> dict:
     """Train the generator on the tokenizer in ``tokenizer_dir`` and measure gFID/IS.
 
     Under torchrun / submitit (WORLD_SIZE > 1) every rank calls it: latents are cached and
-    the DiT is trained data-parallel (``generator.batch_size`` is the global batch); rank 0
-    evaluates and writes (the other ranks wait for it at the next collective).
+    the DiT is trained data-parallel (``generator.batch_size`` is the global batch), every
+    rank samples its share of each evaluation, and rank 0 writes.
 
     Parameters
     ----------
@@ -135,39 +109,38 @@ def generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: str | Path, sto
     -------
     The ``result.json`` content: metrics ``gfid`` and ``inception_score`` (one row per
     evaluated generator step, with the backbone) and ``generator_train_time_s``.
+
+    Raises
+    ------
+    StageMismatch (a ConfigError) when ``out_dir`` or the tokenizer holds a run of another
+    config, or when a finished generator is asked for fewer steps or a past evaluation point.
     """
     out_dir = Path(out_dir).resolve()
-    if (done := _complete_result(out_dir / "result.json")) is not None:
+    done = S.done(out_dir, STAGE, METRICS)
+    if done is not None and not _extends(done, cfg, out_dir):
         return done
-    info = D.init_distributed(cfg.train.device)
+    info = D.init_distributed(cfg.train.device, out_dir)  # rank 0 locks out_dir until cleanup
     try:
-        return _generate(cfg, tokenizer_dir, out_dir, stop_at_step, info)
+        return _generate(cfg, tokenizer_dir, out_dir, stop_at_step, info, done)
     finally:
         D.cleanup(info)
 
 
 def _generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: Path, stop_at_step: int | None,
-              dist_info: D.DistInfo) -> dict:
+              dist_info: D.DistInfo, done: dict | None) -> dict:
     result_path = out_dir / "result.json"
-    saved = out_dir / "config.yaml"
-    if saved.exists() and config_hash(load_config(saved)) != config_hash(cfg):  # every rank raises alike
-        raise ConfigError(f"{saved}: the directory holds a generator run of a different config; use a new --out-dir")
+    S.claim(cfg, out_dir, STAGE, "a generator run", write=False)  # every rank raises alike, before anyone writes
+    D.barrier(dist_info)
     if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not saved.exists():
-            save_config(cfg, saved)
+        S.claim(cfg, out_dir, STAGE, "a generator run")  # a longer run of the same stage: config.yaml updated
     D.barrier(dist_info)
     gen = cfg.generator
     seed = seed_everything(cfg.train.seed)
     device = dist_info.device
+    bf16 = cfg.train.precision == "bf16" and device.type == "cuda"  # training and sampling alike
 
     tokenizer, tok_cfg = load_tokenizer(tokenizer_dir, ema=True)
-    if tok_cfg.model != cfg.model or tok_cfg.data.image_size != cfg.data.image_size:
-        raise ValueError(
-            f"{tokenizer_dir}: tokenizer was trained with model={config_dict(tok_cfg)['model']}, "
-            f"image_size={tok_cfg.data.image_size}; this run asks for model={config_dict(cfg)['model']}, "
-            f"image_size={cfg.data.image_size}"
-        )
+    S.check_tokenizer(tok_cfg, cfg, tokenizer_dir)
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
     backbone = resolve_backbone(cfg.eval)
     features = FidelityFeatures(backbone, cfg.eval.inception_weights, isc=True, device=device.type)
@@ -197,40 +170,36 @@ def _generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: Path, stop_at_
     samples_png = out_dir / "samples.png"
 
     def evaluate(ema, step: int) -> list[dict]:
-        if not dist_info.is_main:  # rank 0 evaluates; the rows it returns are what its checkpoint keeps
-            return []
+        # Collective: every rank samples its share and returns the same rows.
         if "stats" not in reference:
             reference["stats"], _ = real_statistics(val_set, gen.num_samples, cfg.eval.subset_seed, features,
-                                                    cfg.eval.batch_size, cfg.data.num_workers)
-        fake_stats, logits, first = FeatureStatistics(), [], []
-        for images in sample_images(ema, tokenizer, stats, gen.num_samples, num_classes, latent_shape, gen, shift,
-                                    seed + step, cfg.eval.batch_size, device):
-            if sum(len(x) for x in first) < SAMPLES_PNG_COUNT:
-                first.append(images)
-            feats, lg = features.features(images)
-            fake_stats.update(feats)
-            logits.append(lg)
-        save_grid(torch.cat(first)[:SAMPLES_PNG_COUNT], samples_png)
-        is_mean, _ = inception_score(torch.cat(logits))
-        common = {"step": step, "backbone": features.backbone, "num_samples": gen.num_samples}
-        return [{"name": "gfid", "value": frechet_distance(fake_stats.statistics(), reference["stats"]), **common},
-                {"name": "inception_score", "value": is_mean, **common}]
+                                                    cfg.eval.batch_size, cfg.data.num_workers, dist_info)
+        out = generator_fidelity(ema, tokenizer, stats, reference["stats"], features, n=gen.num_samples,
+                                 num_classes=num_classes, latent_shape=latent_shape, gen=gen, shift=shift,
+                                 seed=seed + step, batch_size=cfg.eval.batch_size, info=dist_info, bf16=bf16,
+                                 grid_path=samples_png)
+        return [S.metric_row(name, out[name], step, features.backbone, gen.num_samples)
+                for name in ("gfid", "inception_score")]
 
     out = train_generator(
         gen, NormalizedLatents(latents, stats), latents.labels, num_classes, out_dir, seed=seed, device=device,
         evaluate=evaluate,
         ckpt_every=cfg.train.ckpt_every, keep_last=cfg.train.keep_last, log_every=cfg.train.log_every,
-        bf16=cfg.train.precision == "bf16" and device.type == "cuda", stop_at_step=stop_at_step,
+        bf16=bf16, stop_at_step=stop_at_step,
         dist_info=dist_info, compile=use_compile(cfg.train, device),
     )
+    if out["step"] > gen.steps:
+        raise S.StageMismatch(out_dir, f"a generator checkpoint at step {out['step']}",
+                              {"generator.steps": (out["step"], gen.steps)}, "use a new directory")
     if out["step"] < gen.steps:
-        return {"stage": "generator", "stopped_at": out["step"], "out_dir": str(out_dir)}
+        return {"stage": STAGE, "stopped_at": out["step"], "out_dir": str(out_dir)}
     metrics = list(out["metrics"])
-    metrics.append({"name": "generator_train_time_s", "value": out["train_time_s"], "step": out["step"],
-                    "backbone": None, "num_samples": None})
+    metrics.append(S.metric_row("generator_train_time_s", out["train_time_s"], out["step"]))
     ckpts = sorted((out_dir / "checkpoints").glob("step_*.pt"))
+    earlier = (done or {}).get("info", {})  # the finished result this run continues, if any
+    before = _finished_step(done) if done else None
     result = {
-        "stage": "generator",
+        "stage": STAGE,
         "metrics": metrics,
         "artifacts": [{"kind": "checkpoint", "path": str(ckpts[-1])}, {"kind": "samples", "path": str(samples_png)},
                       {"kind": "latent_stats", "path": str(out_dir / "latent_stats.pt")}],
@@ -245,15 +214,21 @@ def _generate(cfg: RunConfig, tokenizer_dir: str | Path, out_dir: Path, stop_at_
             "real_subset": reference.get("subset"),
             "sample_labels": {"scheme": "uniform (i mod K)", "per_class_min": gen.num_samples // num_classes,
                               "per_class_max": -(-gen.num_samples // num_classes)},
+            "sample_noise": "sample i: core.seed.step_generator(seed + step, i, stream 7)",
+            "sample_precision": "bf16-autocast" if bf16 else "fp32", "inception_score_rule": IS_RULE,
+            "inception_score_rules": _is_rules(metrics, earlier, before),
             "sampler": gen.sampler,
             "sample_steps": gen.sample_steps, "cfg_scale": gen.cfg_scale,
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            # finished steps this stage was continued from (a longer generator.steps / later eval_at)
+            "continued_from": earlier.get("continued_from", []) + ([before] if done else []),
+            "steps": out["step"],
         },
     }
     if dist_info.is_main:
         write_json_atomic(result_path, result)
     D.barrier(dist_info)
-    return result if dist_info.is_main else _complete_result(result_path)
+    return result if dist_info.is_main else S.done(out_dir, STAGE, METRICS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-dir", required=True, help="finished tokenizer run directory")
     parser.add_argument("--out-dir", required=True, help="output directory of this stage")
     args = parser.parse_args(argv)
-    result = generate(load_config(args.config), args.tokenizer_dir, args.out_dir)
+    try:
+        result = generate(load_config(args.config), args.tokenizer_dir, args.out_dir)
+    except (ConfigError, FileNotFoundError) as e:  # bad input: exit 2, nothing written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for row in result["metrics"]:
         print(f"{row['name']:>24s} step {row['step']:>7d}: {row['value']:.4f}" + (f" ({row['backbone']})" if row["backbone"] else ""))
     return 0

@@ -1,7 +1,7 @@
 """Seeding: the one process-seeding function and the step-keyed generators of augmentations.
 
 * :func:`seed_everything` — every process calls it once with (seed, rank).
-* :func:`step_generator` — a CPU generator that depends only on (seed, step, stream): what a
+* :func:`step_generator` — a generator (CPU or CUDA) that depends only on (seed, step, stream): what a
   resumed run needs to draw exactly the augmentations it would have drawn.
 * :class:`BatchRNG` — per-image random numbers of one rank's share of a global batch, so
   that ranks never share crops/masks/DiffAug draws and 2 ranks × B equal 1 process × 2B.
@@ -27,14 +27,18 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     return effective
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, stream)."""
+def step_generator(seed: int, step: int, stream: int = 0, device: "torch.device | str" = "cpu") -> torch.Generator:
+    """A generator on ``device`` that depends only on (seed, step, stream).
+
+    The seed is derived on the host (no device work); a CUDA generator draws on the GPU
+    (numbers differ from the CPU's, but are as reproducible), so augmentations need no
+    host-to-device copies."""
     state = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 class BatchRNG:
-    """Random numbers for this rank's rows of a global batch, all from one CPU generator.
+    """Random numbers for this rank's rows of a global batch, all from one generator.
 
     Every draw is made for the whole global batch (``world_size · B`` rows) and this rank
     keeps rows ``rank, rank + W, rank + 2W, ...`` — the rows
@@ -45,7 +49,7 @@ class BatchRNG:
 
     Parameters
     ----------
-    generator : CPU generator (e.g. :func:`step_generator`).
+    generator : a generator (e.g. :func:`step_generator`); draws are made on its device.
     rank, world_size : this process's row offset and the stride of its rows.
     """
 
@@ -58,12 +62,14 @@ class BatchRNG:
         return t[self.rank :: self.world_size]
 
     def rand(self, n: int, *shape: int) -> torch.Tensor:
-        """U[0, 1) of shape (n, *shape) on the CPU; n = this rank's images."""
-        return self._rows(torch.rand(n * self.world_size, *shape, generator=self.generator))
+        """U[0, 1) of shape (n, *shape) on the generator's device; n = this rank's images."""
+        return self._rows(torch.rand(n * self.world_size, *shape, generator=self.generator,
+                                     device=self.generator.device))
 
     def randint(self, low: int, high: int, n: int, *shape: int) -> torch.Tensor:
-        """Integers in [low, high) of shape (n, *shape) on the CPU."""
-        return self._rows(torch.randint(low, high, (n * self.world_size, *shape), generator=self.generator))
+        """Integers in [low, high) of shape (n, *shape) on the generator's device."""
+        return self._rows(torch.randint(low, high, (n * self.world_size, *shape), generator=self.generator,
+                                        device=self.generator.device))
 
 
 def as_batch_rng(g: "torch.Generator | BatchRNG") -> BatchRNG:

@@ -18,15 +18,18 @@ from typing import Any
 import torch
 import yaml
 
-from core.config import ConfigError, RunConfig, config_hash, load_config, save_config
+from core import stage as S
+from core.config import ConfigError, RunConfig, config_hash, load_config
 from core.data import build_dataset
-from core.io import read_complete_result, write_json_atomic
+from core.io import write_json_atomic
+from core.models.load import checkpoint_path, checkpoint_weights
 from core.models.tokenizer import TCAE, VIT_SIZES, build_tokenizer, tokenizer_args
 from core.seed import seed_everything
 from core.trainer import distributed as D
-from core.trainer.checkpoint import LATEST, latest_checkpoint, load_checkpoint
+from core.trainer.checkpoint import load_checkpoint
 from core.trainer.loop import Trainer
-from core.trainer.objective import ReconstructionObjective, build_objectives
+from core.trainer.build import build_objectives
+from core.trainer.objective import ReconstructionObjective
 
 log = logging.getLogger(__name__)
 
@@ -35,59 +38,12 @@ METRICS = ("train_loss", "params_encoder", "params_decoder", "gflops_encoder", "
            "train_time_s", "encoder_depth")
 
 
-def _checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's newest checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    return latest_checkpoint(path / "checkpoints") or path / "checkpoints" / LATEST
-
-
-def _weights(ckpt: dict, ema: bool) -> dict:
-    return ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
-
-
-def load_tokenizer(run_dir: str | Path, ema: bool = True, map_location: str | torch.device = "cpu") -> tuple[TCAE, RunConfig]:
-    """The trained tokenizer of a ``core.train`` run, in eval mode, and its config.
-
-    Parameters
-    ----------
-    run_dir : the tokenizer run directory (holding ``config.yaml`` and ``checkpoints/latest.pt``).
-    ema : load the EMA weights when the run kept them (``optim.ema``), else the raw weights.
-    map_location : device for the weights.
-
-    Raises
-    ------
-    FileNotFoundError naming the missing config or checkpoint.
-    """
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"tokenizer run {run_dir}: no config.yaml (not a core.train run directory?)")
-    cfg = load_config(cfg_path)
-    ckpt = load_checkpoint(_checkpoint_path(run_dir), map_location=map_location)
-    model = build_tokenizer(tokenizer_args(cfg.model, cfg.data.image_size))
-    model.load_state_dict(_weights(ckpt, ema))
-    return model.to(map_location).eval(), cfg
-
-
-def _check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """Refuse a run directory that holds a run of another config (checked on every rank)."""
-    saved = run_dir / "config.yaml"
-    if saved.exists() and config_hash(load_config(saved)) != config_hash(cfg):
-        raise ConfigError(f"{saved}: the run directory holds a run of a different config; use a new --run-dir")
-
-
 def _setup_finetune(cfg: RunConfig, model: TCAE) -> None:
     """Decoder fine-tuning (paper App. A): start from ``finetune.init_from``, freeze the encoder."""
     if cfg.finetune.init_from:
-        ckpt = load_checkpoint(_checkpoint_path(cfg.finetune.init_from))
-        model.load_state_dict(_weights(ckpt, ema=True))
+        ckpt = load_checkpoint(checkpoint_path(cfg.finetune.init_from))
+        model.load_state_dict(checkpoint_weights(ckpt, ema=True))
     model.encoder.requires_grad_(False)
-
-
-def _metric(name: str, value: float, step: int, backbone: str | None = None) -> dict[str, Any]:
-    return {"name": name, "value": value, "step": step, "backbone": backbone, "num_samples": None}
 
 
 def _result(cfg: RunConfig, run_dir: Path, trainer: Trainer, backbone: str | None, seed: int,
@@ -100,14 +56,14 @@ def _result(cfg: RunConfig, run_dir: Path, trainer: Trainer, backbone: str | Non
     flops = tokenizer_flops(model, cfg.data.image_size)
     metrics = [
         # The loss includes the perceptual term, so it carries the perceptual backbone's name.
-        _metric("train_loss", last["loss"], step, backbone),
-        _metric("params_encoder", params["encoder"], step),
-        _metric("params_decoder", params["decoder"], step),
-        *(_metric(f"gflops_{k}", flops[k] / 1e9, step) for k in ("encoder", "decoder", "total")),
-        _metric("train_time_s", trainer.train_time_s, step),
+        S.metric_row("train_loss", last["loss"], step, backbone),
+        S.metric_row("params_encoder", params["encoder"], step),
+        S.metric_row("params_decoder", params["decoder"], step),
+        *(S.metric_row(f"gflops_{k}", flops[k] / 1e9, step) for k in ("encoder", "decoder", "total")),
+        S.metric_row("train_time_s", trainer.train_time_s, step),
         # Resolved encoder depth (what split_depth=None means): analysis reads it from the
         # database instead of importing the model's size table.
-        _metric("encoder_depth", VIT_SIZES[cfg.model.encoder_size].depth, step),
+        S.metric_row("encoder_depth", VIT_SIZES[cfg.model.encoder_size].depth, step),
     ]
     return {
         "stage": STAGE,
@@ -170,18 +126,16 @@ def train(cfg: RunConfig, run_dir: str | Path, stop_at_step: int | None = None) 
         (for staged runs and tests); the returned dict then has ``"stopped_at"``.
     """
     run_dir = Path(run_dir).resolve()
-    done = read_complete_result(run_dir / "result.json", STAGE, METRICS)
+    done = S.done(run_dir, STAGE, METRICS)
     if done is not None:
         log.info("tokenizer run %s is complete; returning its result.json", run_dir)
         return done
-    info = D.init_distributed(cfg.train.device)
+    info = D.init_distributed(cfg.train.device, run_dir)  # rank 0 locks run_dir until cleanup
     try:
-        _check_run_dir(cfg, run_dir)  # every rank raises alike, before anyone writes
+        S.claim(cfg, run_dir, STAGE, "a tokenizer run", write=False)  # every rank raises alike, before anyone writes
         D.barrier(info)
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "config.yaml").exists():
-                save_config(cfg, run_dir / "config.yaml")
+            S.claim(cfg, run_dir, STAGE, "a tokenizer run")
         D.barrier(info)
         trainer, backbone, seed = build_trainer(cfg, run_dir, info)
         resumed = trainer.resume()
@@ -200,7 +154,7 @@ def train(cfg: RunConfig, run_dir: str | Path, stop_at_step: int | None = None) 
             result = _result(cfg, run_dir, trainer, backbone, seed, info)
             write_json_atomic(run_dir / "result.json", result)
         D.barrier(info)
-        return result if result is not None else read_complete_result(run_dir / "result.json", STAGE, METRICS)
+        return result if result is not None else S.done(run_dir, STAGE, METRICS)
     finally:
         D.cleanup(info)
 

@@ -13,7 +13,7 @@ import sys
 from orchestrator.errors import UsageError  # re-exported: older imports and plug-ins use it
 
 # Order = order in --help.
-COMMANDS = ["submit", "status", "query", "ingest", "retry", "cancel", "figures", "report", "db"]
+COMMANDS = ["submit", "status", "query", "ingest", "retry", "cancel", "figures", "report", "db", "predict", "next"]
 
 DEFAULT_DB = "sqlite:///results.db"
 

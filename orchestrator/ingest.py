@@ -30,7 +30,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from orchestrator.db import fastjson
 from orchestrator.db.configs import flatten, tree_delta, unflatten
 from orchestrator.db.models import Artifact, IngestedFile, Metric, Param, Run, RunStage, Sweep, param_columns
-from orchestrator.db.store import Store, run_status, sweep_bases
+from orchestrator.db.store import Store
+from orchestrator.db.writes import mirror_shared, run_status, sweep_bases
 from orchestrator.results import MAX_FILE_BYTES, ResultFileError, iter_result_files, parse_time, validate_payload
 
 BATCH = 500  # files per transaction
@@ -288,6 +289,7 @@ def _load_files(conn: Connection, files: list[_File]) -> tuple[list[str], list[t
             {k: bindparam(f"b_{k}") for k in ("status", "stage", "host", "attempts", "started_at", "ended_at",
                                               "git_commit", "executor", "slurm_job_id", "slurm_array_id",
                                               "error_tail")}), run_updates)
+        mirror_shared(conn, [stages[k]["id"] for k in winners])  # runs that reuse these stages
     _insert(conn, IngestedFile, [dict(path=f.path, sha256=f.sha256, size=f.size, run_hash=f.payload["run_hash"],
                                              stage=f.payload["stage"], attempt=f.payload["attempt"], ingested_at=now)
                                         for f in new])

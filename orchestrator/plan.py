@@ -9,7 +9,12 @@ A stage array depends on the arrays of the stages it needs:
 * ``afterok`` on the whole parent array otherwise (e.g. a retry that reruns a parent
   stage for a subset of runs).
 
-Parents that already finished (in the database) impose no dependency.
+Parents that already finished (in the database) impose no dependency; a parent another run
+of the same plan produces (a ``shared`` step: same stage identity) is depended on there.
+
+Every plan also carries the per-run, per-stage :class:`~orchestrator.decide.Step` (``reuse``
+from which directory / sweep, ``run``, ``re-run`` / ``extend`` with the reason): what
+``submit --dry-run`` shows.
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ class Plan:
     skipped: list[str]  # run hashes with nothing to do
     arrays: list[ArrayPlan]
     stage_needs: dict[str, list[str]]
+    steps: dict[str, dict] = field(default_factory=dict)  # run_hash -> {stage: decide.Step}, every run considered
+    considered: dict[str, RunSpec] = field(default_factory=dict)  # every run the plan was made for
 
     @property
     def sbatch_calls(self) -> int:
@@ -50,19 +57,39 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "sweep": self.sweep,
-            "runs": [{"run_hash": h, "label": r.label, "params": r.params, "stages": self.todo[h]}
+            "runs": [{"run_hash": h, "label": r.label, "params": r.params, "stages": self.todo[h],
+                      "steps": {st: s.to_dict() for st, s in self.steps.get(h, {}).items()}}
                      for h, r in self.runs.items()],
             "skipped": self.skipped,
+            "skipped_steps": {h: {st: s.to_dict() for st, s in self.steps[h].items()}
+                              for h in self.skipped if h in self.steps},
+            "actions": self.counts(),
             "arrays": [a.to_dict() for a in self.arrays],
             "sbatch_calls": self.sbatch_calls,
         }
 
-    def describe(self) -> str:
-        """Human-readable plan for ``--dry-run``."""
-        lines = [f"sweep {self.sweep}: {len(self.runs)} runs to submit, {len(self.skipped)} skipped "
-                 f"(finished or already queued)"]
-        for h, r in self.runs.items():
-            lines.append(f"  run {h} {r.label}: {' -> '.join(self.todo[h])}")
+    def counts(self) -> dict[str, dict[str, int]]:
+        """stage -> {action: number of runs}."""
+        out: dict[str, dict[str, int]] = {}
+        for mine in self.steps.values():
+            for st, s in mine.items():
+                out.setdefault(st, {}).setdefault(s.action, 0)
+                out[st][s.action] += 1
+        return out
+
+    def describe(self, every_run: bool = True) -> str:
+        """Human-readable plan for ``--dry-run``: per stage the count of each action, then per
+        run and stage what happens and why (a stage reused elsewhere is named with its source)."""
+        lines = [f"sweep {self.sweep}: {len(self.runs)} runs to submit, {len(self.skipped)} with nothing to run"]
+        for st, by in self.counts().items():
+            lines.append(f"  {st}: " + ", ".join(f"{n} {a}" for a, n in sorted(by.items())))
+        for h, mine in self.steps.items() if every_run else ():
+            if all(s.action == "reuse" for s in mine.values()):
+                continue  # counted above; --json lists them
+            label = self.considered[h].label if h in self.considered else ""
+            lines.append(f"  run {h} {label}".rstrip())
+            for st, s in mine.items():
+                lines.append(f"    {st}: {s.action} ({s.reason})")
         for a in self.arrays:
             deps = ", ".join(f"{kind}:array{i}" for i, kind in a.depends_on) or "none"
             res = a.resources
@@ -82,7 +109,8 @@ def stages_to_run(order: list[str], needs: dict[str, list[str]], done: set[str],
     return todo
 
 
-def build_plan(sweep: Sweep, todo: dict[str, list[str]], runs: list[RunSpec], max_array_size: int) -> Plan:
+def build_plan(sweep: Sweep, todo: dict[str, list[str]], runs: list[RunSpec], max_array_size: int,
+               steps: dict[str, dict] | None = None) -> Plan:
     """Group (run, stage) pairs into arrays, chunk them, and link stage dependencies.
 
     Parameters
@@ -92,7 +120,9 @@ def build_plan(sweep: Sweep, todo: dict[str, list[str]], runs: list[RunSpec], ma
         missing or with an empty list are skipped.
     runs : the runs, in grid order (array elements follow it).
     max_array_size : Slurm ``MaxArraySize``; an array holds at most this many elements.
+    steps : run_hash -> {stage: decide.Step}: a ``shared`` parent is produced by another run.
     """
+    steps = steps or {}
     spec = sweep.spec
     needs = {s: list(spec.stages[s].needs) for s in sweep.stage_order}
     active = [r for r in runs if todo.get(r.run_hash)]
@@ -102,13 +132,15 @@ def build_plan(sweep: Sweep, todo: dict[str, list[str]], runs: list[RunSpec], ma
         members = [r.run_hash for r in active if stage in todo[r.run_hash]]
         # one group per resource spec (today a stage has one spec; the key keeps this general)
         groups: dict[str, list[str]] = {}
+        key = spec.stages[stage].resources.key()
         for h in members:
-            groups.setdefault(spec.stages[stage].resources.key(), []).append(h)
+            groups.setdefault(key, []).append(h)
         for hashes in groups.values():
             for chunk in chunks(hashes, max_array_size):
                 arr = ArrayPlan(index=len(arrays), stage=stage, resources=spec.stages[stage].resources, runs=chunk)
                 for need in needs[stage]:
-                    parents = sorted({where[(h, need)] for h in chunk if (h, need) in where})
+                    producers = [_producer(steps, h, need) for h in chunk]
+                    parents = sorted({where[p] for p in producers if p in where})
                     if len(parents) == 1 and arrays[parents[0]].runs == chunk:
                         arr.depends_on.append((parents[0], "aftercorr"))
                     else:
@@ -117,6 +149,8 @@ def build_plan(sweep: Sweep, todo: dict[str, list[str]], runs: list[RunSpec], ma
                     where[(h, stage)] = arr.index
                 arrays.append(arr)
     return Plan(
+        steps=steps,
+        considered={r.run_hash: r for r in runs},
         sweep=sweep.name,
         runs={r.run_hash: r for r in active},
         todo={r.run_hash: todo[r.run_hash] for r in active},
@@ -124,3 +158,9 @@ def build_plan(sweep: Sweep, todo: dict[str, list[str]], runs: list[RunSpec], ma
         arrays=arrays,
         stage_needs=needs,
     )
+
+
+def _producer(steps: dict[str, dict], h: str, stage: str) -> tuple[str, str]:
+    """The (run, stage) whose job produces ``stage`` of run ``h`` in this plan."""
+    step = steps.get(h, {}).get(stage)
+    return step.source if step is not None and step.action == "shared" else (h, stage)

@@ -9,6 +9,9 @@ key                        what must be there                      read by stage
 =========================  ======================================  =========================
 ``data.root``              a folder with ``train/`` and ``val/``    tokenizer, finetune,
                            (``data.name: imagefolder``)            evaluate, generator
+``data.root``              the four complete Fashion-MNIST idx      tokenizer, finetune,
+                           files (``data.name: fashion_mnist``;     evaluate, generator
+                           unset: Debian's folder)
 ``eval.inception_weights`` a readable file                         evaluate, generator
 ``eval.fid_reference``     a readable file                         generator
 ``loss.lpips_weights``     a readable file                         tokenizer, finetune, evaluate
@@ -19,7 +22,8 @@ key                        what must be there                      read by stage
 
 Problems are errors, or warnings when the sweep says ``preflight: warn`` (clusters that mount
 data and weights only on compute nodes).  Relative paths are checked against the current
-directory, where jobs start.  Imports nothing heavy (no torch): it runs inside ``submit``.
+directory, where jobs start.  Imports nothing heavy (no torch): it runs inside ``submit``
+(the Fashion-MNIST file check imports ``core.data`` only when a sweep uses that dataset).
 """
 from __future__ import annotations
 
@@ -105,6 +109,8 @@ def preflight(sweep: Sweep) -> list[Problem]:
                 continue
             if key.startswith("finetune.") and "finetune" not in stages and not cfg.finetune.enabled:
                 continue  # the finetune section is read only by a fine-tuning run
+            if key == "data.root" and cfg.data.name == "fashion_mnist":
+                seen.setdefault(("data.root:fashion_mnist", (cfg.data.root, cfg.data.image_size)), []).append(run.label)
             if key == "data.root" and cfg.data.name != "imagefolder":
                 continue
             value = _get(cfg, key)
@@ -113,6 +119,11 @@ def preflight(sweep: Sweep) -> list[Problem]:
             seen.setdefault((key, value), []).append(run.label)
     problems = []
     for (key, value), labels in seen.items():
+        if key == "data.root:fashion_mnist":  # value = (data.root, data.image_size)
+            from core.data.fashion_mnist import check_files  # torch: only for sweeps on this dataset
+            if (msg := check_files(*value)):
+                problems.append(Problem(level, "data.root", msg, tuple(labels)))
+            continue
         kind = PATH_KEYS[key][0]
         msg = ("data.name is imagefolder but no data.root is set" if value is None else _check_path(kind, value))
         if msg:

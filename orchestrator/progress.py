@@ -143,6 +143,8 @@ class Watcher:
         flying: list[InFlight] = []
         for run in self.store.runs(sweep=self.sweep):
             for st in sorted(run.stages, key=lambda x: x.id):
+                if st.source_id is not None:
+                    continue  # a stage reused from another run: counted once, where it runs
                 status, started, ended = st.status, _utc(st.started_at), _utc(st.ended_at)
                 if status in ACTIVE and self.runs_root is not None:
                     res = self._on_disk(run.run_hash, st.stage, st.attempt)

@@ -4,6 +4,7 @@
   flattened config key (``model.patch_size``) + one column per metric (its value at the
   last step of the loaded attempt) + ``<metric>_backbone``.
 * :func:`metric_history` — every metric row: ``run_hash, sweep, stage, name, step, value, backbone``.
+* :func:`predictions_table` — recorded scaling-law predictions, one row each.
 * :func:`read_only_sql` — one read-only statement, enforced by the database
   (``orchestrator.db.readonly``).
 """
@@ -17,7 +18,7 @@ from sqlalchemy import Text, case, cast, select
 
 from orchestrator.db import fastjson
 from orchestrator.db.configs import UNSET, flatten
-from orchestrator.db.models import Metric, Run, Sweep
+from orchestrator.db.models import Metric, Prediction, Run, RunStage, Sweep
 from orchestrator.db.readonly import (DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, QueryTimeout,  # noqa: F401
                                        ReadOnlyViolation, check_statement, run_statement)
 from orchestrator.db.store import Store
@@ -65,6 +66,34 @@ def metric_history(store: Store, names: Sequence[str] | None = None, sweep: str 
     """
     df = _metric_rows(store, names, sweep)
     return df.sort_values(["run_hash", "name", "step"], na_position="first", kind="stable").reset_index(drop=True)
+
+
+PREDICTION_COLUMNS = ["id", "created_at", "batch", "sweep", "target", "metric", "protocol", "law", "params",
+                      "fit_on", "fit_runs", "value", "lower", "upper", "level", "code_version"]
+
+
+def predictions_table(store: Store, sweep: str | None = None, metric: str | None = None) -> pd.DataFrame:
+    """Recorded predictions (table ``predictions``), oldest first, optionally filtered.
+
+    Returns
+    -------
+    DataFrame with columns ``PREDICTION_COLUMNS``; ``params`` and ``fit_runs`` decoded from JSON,
+    ``target`` and ``protocol`` kept as their canonical JSON text (comparable with ``==``),
+    ``created_at`` tz-aware UTC; a missing ``sweep`` / ``fit_on`` reads as NA.
+    """
+    q = select(*(getattr(Prediction, c) for c in PREDICTION_COLUMNS))
+    if sweep is not None:
+        q = q.where(Prediction.sweep == sweep)
+    if metric is not None:
+        q = q.where(Prediction.metric == metric)
+    store.check_schema()
+    with store.engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(q.order_by(Prediction.id))]
+    df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    df["created_at"] = pd.to_datetime(df["created_at"], utc=True)  # SQLite hands back naive UTC
+    for c in ("value", "lower", "upper", "level"):
+        df[c] = df[c].astype(float)
+    return df
 
 
 def _tuples(v: Any) -> Any:
@@ -128,18 +157,30 @@ def runs_table(store: Store, sweep: str | None = None, metrics: Sequence[str] | 
     table = pd.DataFrame({"run_hash": hashes, "sweep": sweeps, "status": statuses,
                           **config_columns(sids, deltas, bases)})
 
+    # Stages reused from another run (run_stages.source_id): that run's metrics of the stage
+    # belong to this row too (stored once, read everywhere).
+    src = RunStage.__table__.alias("src")
+    q = (select(RunStage.run_id, RunStage.stage, src.c.run_id).join(src, RunStage.source_id == src.c.id))
+    if sweep is not None:
+        q = q.join(Run, Run.id == RunStage.run_id).join(Sweep, Run.sweep_id == Sweep.id).where(Sweep.name == sweep)
+    shared: dict[tuple[int, str], list[int]] = {}
+    for rid, stage, owner in _fetch(store, q):
+        shared.setdefault((owner, stage), []).append(rid)
     # Metrics: value at the last step (a null step counts as the earliest; ties: the later row).
-    q = select(Metric.run_id, Metric.name, Metric.step, Metric.value, Metric.backbone)
+    q = select(Metric.run_id, Metric.name, Metric.step, Metric.value, Metric.backbone, Metric.stage)
     if metrics:
         q = q.where(Metric.name.in_(list(metrics)))
     if sweep is not None:
-        q = q.where(Metric.run_id.in_(select(Run.id).join(Sweep, Run.sweep_id == Sweep.id).where(Sweep.name == sweep)))
+        mine = select(Run.id).join(Sweep, Run.sweep_id == Sweep.id).where(Sweep.name == sweep)
+        q = q.where(Metric.run_id.in_(mine) if not shared else
+                    Metric.run_id.in_(mine) | Metric.run_id.in_(sorted({o for o, _ in shared})))
     last: dict[str, dict[int, tuple]] = {}  # name -> run id -> (step, value, backbone)
-    for rid, name, step, value, backbone in _fetch(store, q.order_by(Metric.id)):
+    for rid, name, step, value, backbone, stage in _fetch(store, q.order_by(Metric.id)):
         per_run = last.setdefault(name, {})
-        prev = per_run.get(rid)
-        if prev is None or step is not None and (prev[0] is None or step >= prev[0]):
-            per_run[rid] = (step, value, backbone)
+        for r in (rid, *shared.get((rid, stage), ())):
+            prev = per_run.get(r)
+            if prev is None or step is not None and (prev[0] is None or step >= prev[0]):
+                per_run[r] = (step, value, backbone)
     names = list(metrics) if metrics else sorted(last)
     nothing = (None, float("nan"), None)
     for n in names:  # psnr, psnr_backbone, ssim, ... (dict lookups per run: no pivot)

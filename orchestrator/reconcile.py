@@ -33,8 +33,7 @@ from core.io import write_json_atomic
 from orchestrator import slurm
 from orchestrator.db.models import Run, RunStage, Sweep as SweepRow
 from orchestrator.db.store import Store
-from orchestrator.record import mark_queued, set_states
-from orchestrator.stages import lock_holder, log_tail
+from orchestrator.stages import lock_holder, log_tail, queued_states
 
 ACTIVE = ("queued", "running", "preempted")  # submitted and not over: never submit twice
 JOURNALS = ".submissions"
@@ -97,8 +96,7 @@ def reconcile(store: Store, runs_root: Path) -> list[str]:
 
                     ids = element_ids(found[a["name"]], len(a["runs"]))
                     items += [(h, a["stage"], j) for h, j in zip(a["runs"], ids)]
-            with store.session() as s:
-                n = mark_queued(s, runs_root, items, only_if=("pending",))
+            n = len(store.set_states(queued_states(runs_root, items), only_if=("pending",)))
             done.append(f"submission {data['id']}: {len(found)} array(s) found in Slurm by name "
                         f"({n} stages newly marked queued), {len(todo) - len(found)} never submitted")
         else:
@@ -111,7 +109,7 @@ def reconcile(store: Store, runs_root: Path) -> list[str]:
                     if (st, h) in pairs and status in ACTIVE and lock_holder(runs_root / h, st) is None:
                         lost[(h, st)] = ("pending", f"{data['executor']} orchestrator (pid {data['pid']}) died; "
                                                     f"requeue with `orchestrate submit`")
-                set_states(s, lost)
+                store.set_states({k: {"status": st, "error_tail": err} for k, (st, err) in lost.items()}, session=s)
             done.append(f"submission {data['id']}: orchestrator pid {data['pid']} is gone, "
                         f"{len(lost)} stage(s) back to pending")
         path.unlink(missing_ok=True)
@@ -140,12 +138,29 @@ def ingest_dir(store: Store, runs_root: Path):
 
 
 def _active(store: Store, sweep: str) -> list[tuple[str, str, str, str | None]]:
+    """Stages of ``sweep`` with a job that is not over: its own, and the rows of other runs
+    whose results its runs reuse (their state is mirrored into this sweep's rows)."""
+    mine = (select(RunStage.id, RunStage.source_id).join(Run, Run.id == RunStage.run_id)
+            .join(SweepRow, SweepRow.id == Run.sweep_id).where(SweepRow.name == sweep)).subquery()
     q = (select(Run.run_hash, RunStage.stage, RunStage.status, RunStage.slurm_job_id)
-         .join(RunStage, RunStage.run_id == Run.id).join(SweepRow, SweepRow.id == Run.sweep_id)
-         .where(SweepRow.name == sweep, RunStage.status.in_(ACTIVE + ("pending",)),
-                RunStage.slurm_job_id.is_not(None)))
+         .join(RunStage, RunStage.run_id == Run.id)
+         .where(RunStage.status.in_(ACTIVE + ("pending",)), RunStage.slurm_job_id.is_not(None),
+                RunStage.source_id.is_(None),
+                RunStage.id.in_(select(mine.c.id).where(mine.c.source_id.is_(None)).union(
+                    select(mine.c.source_id).where(mine.c.source_id.is_not(None))))))
     with store.session() as s:
         return [tuple(r) for r in s.execute(q)]
+
+
+def _source_roots(store: Store, sweep: str, runs_root: Path | None) -> list[Path]:
+    """Run directories outside ``runs_root`` holding results this sweep reuses, not final yet."""
+    src = RunStage.__table__.alias("src")
+    q = (select(src.c.dir).join(RunStage, RunStage.source_id == src.c.id).join(Run, Run.id == RunStage.run_id)
+         .join(SweepRow, SweepRow.id == Run.sweep_id)
+         .where(SweepRow.name == sweep, src.c.status.in_(ACTIVE + ("pending",)), src.c.dir.is_not(None)).distinct())
+    with store.session() as s:
+        roots = {Path(d).parent for d in s.scalars(q)}
+    return sorted(r for r in roots if runs_root is None or runs_root not in r.parents)
 
 
 def _missing_since(runs_root: Path, missing: set[str]) -> dict[str, float]:
@@ -187,6 +202,8 @@ def refresh_states(store: Store, sweep: str, runs_root: Path | None = None) -> d
     if runs_root is not None:
         reconcile(store, runs_root)
         ingest_dir(store, runs_root)
+    for root in _source_roots(store, sweep, runs_root):  # reused results another sweep's jobs write
+        ingest_dir(store, root)
     active = _active(store, sweep)
     queried = bool(active) and slurm.available()
     states = slurm.job_states([j for *_, j in active]) if queried else {}
@@ -224,8 +241,7 @@ def refresh_states(store: Store, sweep: str, runs_root: Path | None = None) -> d
         why = "preempted and not requeued" if state == "PREEMPTED" else f"slurm state {state}"
         changes[(h, stage)] = (slurm.FINAL_STATES[state], why + (f"\n{tail}" if tail else ""))
     if changes:
-        with store.session() as s:
-            set_states(s, changes)
+        store.set_states({k: {"status": st, "error_tail": err} for k, (st, err) in changes.items()})
     return stage_counts(store, sweep)
 
 
@@ -263,6 +279,5 @@ def cancel_sweep(store: Store, sweep: str) -> list[str]:
     # whole arrays by their base id: scancel of single elements of a pending array splits it
     # into one controller record per element (2,000 records for a 1,000-run sweep)
     slurm.cancel(sorted({j.split("_")[0] for j in job_ids}))
-    with store.session() as s:
-        set_states(s, {(h, st): ("cancelled", None) for h, st, _ in active})
+    store.set_states({(h, st): {"status": "cancelled", "error_tail": None} for h, st, _ in active})
     return job_ids

@@ -159,11 +159,11 @@ def _cost_section(runs_frame) -> str:
             f"<th>source</th></tr>{rows}</table>")
 
 
-def _figures_section(runs_frame, history, out_dir: Path, with_paper: bool) -> tuple[str, list[str]]:
+def _figures_section(runs_frame, history, out_dir: Path, with_paper: bool, predictions=None) -> tuple[str, list[str]]:
     from analysis.registry import generate
 
     fig_dir = out_dir / "figures"
-    outputs = generate(runs_frame, fig_dir, history, with_paper=with_paper)
+    outputs = generate(runs_frame, fig_dir, history, with_paper=with_paper, predictions=predictions)
     parts, warnings = ["<h2>Figures and tables</h2>"], []
     for o in outputs:
         files = sorted(o.files)
@@ -190,14 +190,14 @@ def _figures_section(runs_frame, history, out_dir: Path, with_paper: bool) -> tu
 def build_report(store, sweep: str, out_dir: str | Path, with_paper: bool = True, refresh_s: int = 0,
                  runs_root: str | Path | None = None) -> Path:
     """Write the report of ``sweep`` to ``out_dir/index.html`` (see the module docstring)."""
-    from analysis.registry import load_frames
+    from orchestrator.commands.figures import load_frames, load_predictions
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs_frame, history = load_frames(store, sweep=sweep)
     root = Path(runs_root) if runs_root else Watcher(store, sweep).runs_root
     status, params = _status_section(store, sweep, root, runs_frame)
-    figures, _ = _figures_section(runs_frame, history, out_dir, with_paper)
+    figures, _ = _figures_section(runs_frame, history, out_dir, with_paper, load_predictions(store, sweep))
     curves = ["<h2>Training curves</h2>"]
     for h in (runs_frame["run_hash"] if not runs_frame.empty else []):
         png = out_dir / "curves" / f"{h}.png"

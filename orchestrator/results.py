@@ -12,7 +12,7 @@ Format (``schema_version`` 1), all keys required unless marked optional::
 
     {
       "schema_version": 1,
-      "run_hash":   "0123456789abcdef",       # core.config.config_hash(resolved RunConfig)
+      "run_hash":   "0123456789abcdef",       # the run directory name (orchestrator.identity.run_key)
       "sweep":      "patch-size",             # sweep name
       "stage":      "tokenizer",              # tokenizer | evaluate | generator | any [a-z0-9_-]+
       "attempt":    1,                        # int >= 1; a later attempt supersedes earlier ones

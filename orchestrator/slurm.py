@@ -3,6 +3,8 @@
 * :func:`max_array_size` — the cluster's ``MaxArraySize`` (``scontrol show config``),
   the bound for chunking arrays (submitit does not split them itself).
 * :func:`job_states` — states of many jobs with **one** ``sacct`` call.
+* :func:`usage` — elapsed time and allocated GPUs/CPUs of ended jobs (one ``sacct`` call).
+* :func:`cpus_per_task` — what a stage's ``resources.cpus`` (per job) gives each task.
 * :func:`cancel` — ``scancel`` many jobs with one call (its exit is checked).
 * :func:`jobs_named` — the jobs whose name is one of many (``squeue`` + ``sacct``): how a
   submission finds the arrays it had sbatch'ed before a crash.
@@ -132,6 +134,59 @@ def job_states(job_ids: list[str]) -> dict[str, dict]:
             times = {k: v for k, v in (("start", start), ("end", end)) if final and not known[k] and v != "N/A"}
             out[jid] = {**known, **times, "state": state.strip()}
     return out
+
+
+def parse_tres(tres: str) -> dict[str, int]:
+    """``billing=8,cpu=64,gres/gpu:h100=8,mem=480G,node=1`` -> ``{"cpu": 64, "gpu": 8, ...}``."""
+    out: dict[str, int] = {}
+    for item in filter(None, (tres or "").split(",")):
+        key, _, value = item.partition("=")
+        if key.startswith("gres/gpu"):
+            key = "gpu"  # typed (gres/gpu:h100) or plain; take the plain total when both appear
+            if "gpu" in out and ":" in item.split("=")[0]:
+                continue
+        m = re.match(r"^\d+", value)
+        if m:
+            out[key] = int(m.group(0))
+    return out
+
+
+def usage(job_ids: list[str]) -> dict[str, dict[str, float]]:
+    """``{job_id: {"elapsed_s", "gpus", "cpus"}}`` of ended jobs, from ONE ``sacct`` call
+    (ids ``123`` / ``123_4``; jobs still running or requeued are left out)."""
+    wanted = set(job_ids)
+    if not wanted:
+        return {}
+    bases = sorted({j.split("_")[0] for j in wanted})
+    text = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,ElapsedRaw,AllocTRES,State", "-j", ",".join(bases)],
+                timeout=120)
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 4 or parts[0] not in wanted or not parts[1].strip().isdigit():
+            continue
+        if (parts[3].split() or ["?"])[0] in ACTIVE_STATES:
+            continue  # its elapsed time is not final
+        tres = parse_tres(parts[2])
+        out[parts[0]] = {"elapsed_s": float(parts[1]), "gpus": tres.get("gpu", 0), "cpus": tres.get("cpu", 0)}
+    return out
+
+
+def cpus_per_task(cpus: int, tasks: int) -> int:
+    """CPUs of each of a job's ``tasks`` when the stage asks for ``cpus`` per job (per node).
+
+    ``resources.cpus`` means the whole job's CPUs, as the cost estimate and the accounting
+    read it; a distributed stage runs one task (rank) per GPU and splits them evenly.
+
+    Raises
+    ------
+    ValueError
+        when ``cpus`` does not split into ``tasks`` equal whole shares.
+    """
+    if tasks < 1 or cpus < tasks or cpus % tasks:
+        raise ValueError(f"cpus={cpus} (per job) does not split evenly over its {tasks} tasks (one per GPU): "
+                         f"use a multiple of {tasks}")
+    return cpus // tasks
 
 
 def cancel(job_ids: list[str]) -> None:

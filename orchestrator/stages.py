@@ -13,9 +13,11 @@ picks its attempt number until its result file is written, on every executor.  A
 start of the same stage raises :class:`StageLocked` ("... locked by pid P on H since T") and
 writes nothing in the run directory.
 
-A run shared by two sweeps lives where it was first run: ``run.json`` may carry
-``upstream: {stage: absolute dir}`` for parent stages finished under another sweep's
-directory, and the stage functions read their inputs from there.
+A stage result is shared by every run (of any sweep) whose stage has the same identity
+(:mod:`orchestrator.identity`): ``run.json`` may carry ``upstream: {stage: absolute dir}``
+for parent stages whose result lives in another run's directory, and the stage functions
+read their inputs from there; ``extend_from: {generator: dir}`` starts this run's generator
+from another run's finished, shorter one (:func:`_seed_extension`).
 
 Run as a subprocess (the ``local`` executor): ``python -m orchestrator.stages STAGE RUN_ROOT``.
 """
@@ -26,7 +28,6 @@ import json
 import os
 import socket
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,7 +38,7 @@ import submitit
 import yaml
 
 from core.config import RunConfig, load_config
-from core.io import write_json_atomic
+from orchestrator import builtin_stages as builtin
 from orchestrator.results import make_payload, result_path, write_result_file
 
 LOG_TAIL_LINES = 40
@@ -114,63 +115,45 @@ def evaluate_stage(ctx: StageContext) -> dict:
     return _core_result(evaluate(ctx.config, _tokenizer_dir(ctx), ctx.out_dir), None)
 
 
+def _seed_extension(src: Path, out_dir: Path, tree: dict) -> None:
+    """Start ``out_dir`` as a copy of the finished generator ``src`` (hard links: checkpoints and
+    latents are large), so that core continues it from its last checkpoint to this run's length
+    (``extend`` in the plan; ``core.stage.LENGTH_KEYS``).  ``config.yaml`` is this run's config at
+    ``src``'s length: the stage identity says the two differ in nothing the generator reads."""
+    import shutil
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    tmp = out_dir.with_name(out_dir.name + ".seeding")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("checkpoints", "latents_train"):
+        if (src / name).is_dir():
+            shutil.copytree(src / name, tmp / name, copy_function=link)
+    for name in ("latent_stats.pt", "result.json", "log.jsonl", "samples.png"):
+        if (src / name).is_file():
+            (shutil.copy2 if name == "log.jsonl" else link)(str(src / name), str(tmp / name))
+    held = yaml.safe_load((src / "config.yaml").read_text())
+    mine = json.loads(json.dumps(tree))
+    mine["generator"]["steps"], mine["generator"]["eval_at"] = held["generator"]["steps"], held["generator"]["eval_at"]
+    (tmp / "config.yaml").write_text(yaml.safe_dump(mine, sort_keys=False))
+    for p in tmp.iterdir():  # the stage lock lives in out_dir already: move the contents in
+        os.replace(p, out_dir / p.name)
+    tmp.rmdir()
+
+
 def generator_stage(ctx: StageContext) -> dict:
     from core.generate import generate
 
+    src = (ctx.run.get("extend_from") or {}).get("generator")
+    if src and not (ctx.out_dir / "config.yaml").exists():
+        _seed_extension(Path(src), ctx.out_dir, ctx.tree)
     resumed_from = _latest_checkpoint(ctx.out_dir)
     return _core_result(generate(ctx.config, _tokenizer_dir(ctx), ctx.out_dir), resumed_from)
-
-
-def echo_stage(ctx: StageContext) -> dict:
-    """Needs no core code: reports the run's seed and which parents' results exist."""
-    parents = sorted(p.name for p in (ctx.run_root / "results").glob("*.json"))
-    return {"metrics": [{"name": "echo", "value": float(ctx.tree["train"]["seed"])}], "info": {"parents": parents}}
-
-
-def dotted_get(tree: dict, key: str) -> Any:
-    for part in key.split("."):
-        tree = tree[part]
-    return tree
-
-
-def selftest_stage(ctx: StageContext) -> dict:
-    """A checkpointable counter standing in for training (needs no core code).
-
-    Counts ``train.steps`` steps (``params.step_s`` seconds each), folding each step into
-    a checksum; saves ``{step, checksum}`` every ``train.ckpt_every`` steps and resumes
-    from the latest save.  An interrupted-and-resumed run therefore ends with the same
-    checksum as an uninterrupted one.  ``objective = (x - target)^2`` with ``x`` the
-    config value at ``params.objective_key`` (default ``loss.ssl``) feeds search tests.
-    ``params.fail_when`` ({dotted key: value}) makes matching runs raise while
-    ``params.fail_marker`` (a path; None = always) exists.
-    """
-    p, tree = ctx.params, ctx.tree
-    fail_when = p.get("fail_when") or {}
-    if fail_when and all(dotted_get(tree, k) == v for k, v in fail_when.items()):
-        marker = p.get("fail_marker")
-        if marker is None or Path(marker).exists():
-            print(f"selftest: failing on purpose ({fail_when})", file=sys.stderr, flush=True)
-            raise RuntimeError(f"selftest failure requested for {fail_when}")
-    steps, every = tree["train"]["steps"], max(1, tree["train"]["ckpt_every"])
-    ckpt_dir = ctx.out_dir / "checkpoints"
-    saved = sorted(ckpt_dir.glob("step_*.json"))
-    state = json.loads(saved[-1].read_text()) if saved else {"step": 0, "checksum": tree["train"]["seed"]}
-    with open(ctx.out_dir / "starts.txt", "a") as f:  # one line per (re)start: where it resumed
-        f.write(f"{state['step']}\n")
-    while state["step"] < steps:
-        time.sleep(float(p.get("step_s", 0.0)))
-        state["step"] += 1
-        state["checksum"] = (state["checksum"] * 31 + state["step"] ** 2) % 1_000_003
-        if state["step"] % every == 0 or state["step"] == steps:
-            write_json_atomic(ckpt_dir / f"step_{state['step']:08d}.json", state)
-        (ctx.out_dir / "progress.txt").write_text(f"{state['step']}\n")
-    starts = [int(x) for x in (ctx.out_dir / "starts.txt").read_text().split()]
-    x = float(dotted_get(tree, p.get("objective_key", "loss.ssl")))
-    metrics = [
-        {"name": "checksum", "value": float(state["checksum"]), "step": steps},
-        {"name": "objective", "value": (x - float(p.get("target", 2.0))) ** 2, "step": steps},
-    ]
-    return {"metrics": metrics, "info": {"starts": starts}}
 
 
 STAGES: dict[str, Callable[[StageContext], dict]] = {
@@ -178,8 +161,8 @@ STAGES: dict[str, Callable[[StageContext], dict]] = {
     "finetune": finetune_stage,
     "evaluate": evaluate_stage,
     "generator": generator_stage,
-    "echo": echo_stage,
-    "selftest": selftest_stage,
+    "echo": builtin.echo_stage,
+    "selftest": builtin.selftest_stage,
 }
 
 
@@ -192,6 +175,17 @@ def next_attempt(run_root: Path, stage: str) -> int:
     while result_path(run_root, stage, n).exists():
         n += 1
     return n
+
+
+def queued_states(runs_root: Path, items: list[tuple[str, str, str | None]]) -> dict[tuple[str, str], dict]:
+    """``store.set_states`` fields for (run_hash, stage, job id or None) just queued: the attempt
+    recorded is the one the job will write (1 + the highest result file)."""
+    out, root = {}, str(runs_root)
+    for h, st, jid in items:
+        # a new run has no results/ yet (checked with one stat, no Path objects: 2,000 stages)
+        attempt = next_attempt(runs_root / h, st) if os.path.isdir(os.path.join(root, h, "results")) else 1
+        out[(h, st)] = {"status": "queued", "attempt": attempt, "slurm_job_id": jid, "error_tail": None}
+    return out
 
 
 def _log_file() -> Path | None:
@@ -339,8 +333,12 @@ class StageTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-            # RANK/WORLD_SIZE/MASTER_ADDR/PORT for torch.distributed, from the Slurm task layout.
-            submitit.helpers.TorchDistributedEnvironment().export()
+            # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT from the Slurm task layout, as core resolves
+            # them, exporting only those not set: submitit's export() raises on set ones and pins
+            # CUDA_VISIBLE_DEVICES to the local rank (wrong where Slurm binds one GPU per task).
+            from core.trainer.launch import torch_env  # lazy: torch, for distributed stages only
+
+            os.environ.update(torch_env())
         return run_stage(self.stage, self.run_root)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

@@ -3,12 +3,14 @@
 The executors (:mod:`orchestrator.executors`: ``slurm``, ``local``, ``debug``) know how to run
 a plan; this module decides *what* to run and records it:
 
-1. settle earlier submissions (:func:`orchestrator.reconcile.refresh_states`: journals of
-   crashed submissions, result files, Slurm states);
-2. :func:`decide` the stages still to run and :func:`~orchestrator.plan.build_plan` them;
-3. write every run directory (``config.yaml``, ``run.json``), record the runs (pending);
-4. write the submission's journal, then hand the arrays over, marking each array queued
-   right after the executor accepted it.
+1. reconcile what exists (:func:`orchestrator.reconcile.refresh_states`: journals of crashed
+   submissions, result files, Slurm states);
+2. plan: per run and stage ``reuse`` / ``run`` / ``re-run`` / ``extend`` by stage identity
+   (:func:`orchestrator.decide.plan_steps`), grouped into arrays (:func:`~orchestrator.plan.build_plan`);
+3. record: every run directory (``config.yaml``, ``run.json``) and every run with its stages'
+   identities, directories and sources (pending; :meth:`~orchestrator.db.store.Store.record_plan`);
+4. journal the arrays, hand them over (sbatch), marking each array queued right after the
+   executor accepted it.
 
 A crash anywhere leaves a state the next ``submit``/``status`` completes without running any
 run stage twice; an sbatch refusal stops the submission with one line naming the stage and
@@ -25,17 +27,16 @@ from pathlib import Path
 
 import yaml
 
-from core.config import config_dict
 from orchestrator import executors
+from orchestrator.executors.base import Executor
 from orchestrator.db.store import Store
-from orchestrator.plan import Plan, build_plan, stages_to_run
+from orchestrator.adopt import adopt
+from orchestrator.decide import plan_steps, todo_of, upstream_of
+from orchestrator.plan import Plan, build_plan
 from orchestrator.reconcile import (ACTIVE, JOURNALS, Journal, cancel_sweep, ingest_dir,  # noqa: F401 (API)
                                     refresh_states, stored_spec, wait_for_sweep)
-from orchestrator.record import mark_queued, record_runs, set_states
+from orchestrator.stages import queued_states
 from orchestrator.sweep import RunSpec, Sweep, SweepFile, build_sweep, load_sweep
-
-REDO = ("failed", "cancelled")
-
 
 @dataclass
 class SubmitResult:
@@ -71,64 +72,6 @@ def open_store(url: str) -> Store:
     return store
 
 
-def stage_info(store: Store, hashes: set[str]) -> dict[str, dict[str, tuple[str, str | None, str | None]]]:
-    """run_hash -> {stage: (status, slurm job id, result file of its latest attempt)}.
-
-    A run is identified by its config hash across sweeps: a config already run by another
-    sweep is not run again (and its outputs are found where that sweep put them).
-    """
-    from sqlalchemy import select
-
-    from orchestrator.db.models import IngestedFile, Run, RunStage
-    from orchestrator.record import _chunks
-
-    out: dict[str, dict] = {}
-    files: dict[tuple[str, str], tuple[int, str]] = {}
-    with store.session() as s:
-        for part in _chunks(sorted(hashes)):
-            q = (select(Run.run_hash, RunStage.stage, RunStage.status, RunStage.slurm_job_id)
-                 .join(RunStage, RunStage.run_id == Run.id).where(Run.run_hash.in_(part)))
-            for h, st, status, jid in s.execute(q):
-                out.setdefault(h, {})[st] = (status, jid, None)
-            q = select(IngestedFile.run_hash, IngestedFile.stage, IngestedFile.attempt, IngestedFile.path).where(
-                IngestedFile.run_hash.in_(part))
-            for h, st, attempt, path in s.execute(q):
-                if files.get((h, st), (0, ""))[0] < attempt:
-                    files[(h, st)] = (attempt, path)
-    for (h, st), (_, path) in files.items():
-        if st in out.get(h, {}):
-            out[h][st] = out[h][st][:2] + (path,)
-    return out
-
-
-def decide(sweep: Sweep, known: dict[str, dict[str, str]], retry: bool = False,
-           runs: list[RunSpec] | None = None, allow_active: bool = False) -> dict[str, list[str]]:
-    """Stages to run per run hash (``known``: run_hash -> {stage: status}).
-
-    ``submit``: stages never submitted (new runs, stages added to the sweep since, or the
-    arrays a crashed/refused submission never handed over), for runs with nothing failed;
-    with ``allow_active`` (Slurm: a child can depend on a queued parent job) also for runs
-    with a queued/running stage, else those are left alone.  ``retry``: failed/cancelled
-    stages and their dependants, for runs with nothing active.
-    """
-    needs = {s: sweep.spec.stages[s].needs for s in sweep.stage_order}
-    todo: dict[str, list[str]] = {}
-    for run in runs if runs is not None else sweep.runs:
-        states = known.get(run.run_hash, {})
-        active = any(v in ACTIVE for v in states.values())
-        if active and (retry or not allow_active):
-            continue
-        failed = {s for s, v in states.items() if v in REDO}
-        if retry:
-            if failed:
-                done = {s for s, v in states.items() if v == "finished"}
-                todo[run.run_hash] = stages_to_run(sweep.stage_order, needs, done, redo=failed)
-        elif not failed:
-            done = {s for s, v in states.items() if v != "pending"}
-            todo[run.run_hash] = stages_to_run(sweep.stage_order, needs, done)
-    return todo
-
-
 def sweep_yaml(sweep: Sweep) -> str:
     """The sweep spec as stored in the database, with ``runs_dir`` made absolute."""
     d = sweep.spec.model_dump(mode="json")
@@ -142,26 +85,11 @@ def stored_sweep(store: Store, name: str) -> SweepFile | None:
     return SweepFile.model_validate(spec) if spec else None
 
 
-def upstream_dirs(sweep: Sweep, plan: Plan, info: dict) -> dict[str, dict[str, str]]:
-    """run_hash -> {stage: dir} for stages done before this plan whose results were written
-    under another run directory (a run first run by another sweep)."""
-    out: dict[str, dict[str, str]] = {}
-    runs_root = sweep.runs_root  # resolved once (a property that resolves the path)
-    for h in plan.runs:
-        for stage, (status, _, path) in info.get(h, {}).items():
-            if stage in plan.todo[h] or status != "finished" or not path:
-                continue
-            root = Path(path).resolve().parent.parent  # {run_root}/results/{stage}.attemptN.json
-            if root != runs_root / h:
-                out.setdefault(h, {})[stage] = str(root / stage)
-    return out
-
-
-def write_run_dirs(sweep: Sweep, plan: Plan, executor: str, configs: dict[str, dict],
-                   upstream: dict[str, dict[str, str]] | None = None) -> None:
-    """``config.yaml`` + ``run.json`` per run: all a job reads (it pickles only the path)."""
+def write_run_dirs(sweep: Sweep, plan: Plan, executor: str, configs: dict[str, dict]) -> None:
+    """``config.yaml`` + ``run.json`` per run: all a job reads (it pickles only the path).
+    ``run.json`` names where reused parents live (``upstream``) and what an extended stage
+    continues (``extend_from``)."""
     stage_params = {name: st.params for name, st in sweep.spec.stages.items()}
-    upstream = upstream or {}
     runs_root = sweep.runs_root
     for h, run in plan.runs.items():
         root = runs_root / h
@@ -172,8 +100,13 @@ def write_run_dirs(sweep: Sweep, plan: Plan, executor: str, configs: dict[str, d
         (root / "config.yaml").write_text(json.dumps(configs[h]) + "\n")
         meta = {"run_hash": h, "sweep": sweep.name, "params": _scalar(run.params), "label": run.label,
                 "executor": executor, "stages": stage_params}
-        if h in upstream:
-            meta["upstream"] = upstream[h]
+        steps = plan.steps.get(h, {})
+        upstream = upstream_of(steps, root)
+        if upstream:
+            meta["upstream"] = upstream
+        extend = {st: s.extend_from for st, s in steps.items() if s.action == "extend"}
+        if extend:
+            meta["extend_from"] = extend
         (root / "run.json").write_text(json.dumps(meta))
 
 
@@ -224,59 +157,104 @@ def submit_sweep(store: Store | None, sweep: Sweep, executor: str | None = None,
         runs = list({r.run_hash: r for r in runs}.values())  # two trials may land on one config
     runs = runs if runs is not None else sweep.runs
     if store is None or dry_run:
-        return SubmitResult(plan=_plan(store, sweep, ex, runs, retry)[0], executor=name)
+        return SubmitResult(plan=make_plan(store, sweep, ex, runs, retry)[0], executor=name)
     with _submission_lock(sweep.runs_root):  # one submitter per sweep directory at a time
-        refresh_states(store, sweep.name, sweep.runs_root)  # settle crashed submissions first
-        plan, info = _plan(store, sweep, ex, runs, retry)
+        refresh_states(store, sweep.name, sweep.runs_root)  # 1. reconcile what exists
+        adopt(store)  # rows written before stage identities (orchestrate db upgrade does it too)
+        plan, configs, known = make_plan(store, sweep, ex, runs, retry)  # 2. plan
         result = SubmitResult(plan=plan, executor=name)
-        if plan.runs:
-            _submit(store, sweep, ex, plan, info, result)
+        if plan.runs or any(h not in known for h in plan.steps):
+            _submit(store, sweep, ex, plan, configs, known, result)  # 3. record, 4. journal + sbatch
     if wait and not ex.blocking:
         wait_for_sweep(store, sweep.name, poll_s=poll_s, timeout_s=timeout_s, runs_root=sweep.runs_root)
     return result
 
 
-def _plan(store: Store | None, sweep: Sweep, ex: executors.Executor, runs: list[RunSpec], retry: bool):
-    info = stage_info(store, {r.run_hash for r in runs}) if store is not None else {}
-    known = {h: {st: v[0] for st, v in stages.items()} for h, stages in info.items()}
-    todo = decide(sweep, known, retry=retry, runs=runs, allow_active=not ex.blocking)
-    return build_plan(sweep, todo, runs, ex.max_array_size()), info
+def make_plan(store: Store | None, sweep: Sweep, ex: Executor, runs: list[RunSpec],
+              retry: bool) -> tuple[Plan, dict[str, dict], set[str]]:
+    """Step 2: (the plan, run_hash -> config dict, run hashes already in the database)."""
+    runs, steps, configs, known = plan_steps(store, sweep, runs, retry=retry, allow_active=not ex.blocking)
+    return build_plan(sweep, todo_of(steps), runs, ex.max_array_size(), steps), configs, known
 
 
-def _submit(store: Store, sweep: Sweep, ex: executors.Executor, plan: Plan, info: dict, result: SubmitResult) -> None:
-    """Write run dirs, record runs, journal, hand over (steps 3-4 of the module docstring)."""
+def _submit(store: Store, sweep: Sweep, ex: Executor, plan: Plan, configs: dict, known: set[str],
+            result: SubmitResult) -> None:
+    """Steps 3-4 of the module docstring."""
     from orchestrator.executors.slurm import job_name
 
     _preflight(sweep)
-    configs = {h: config_dict(r.config) for h, r in plan.runs.items()}
-    write_run_dirs(sweep, plan, ex.name, configs, upstream_dirs(sweep, plan, info))
-    with store.session() as s:
-        runs = {h: (configs[h], _scalar(r.params)) for h, r in plan.runs.items()}
-        record_runs(s, sweep.name, sweep_yaml(sweep), runs, ex.name, sweep.stage_order)
-    external = {(h, st): v[1] for h, stages in info.items() for st, v in stages.items() if v[0] in ACTIVE and v[1]}
+    write_run_dirs(sweep, plan, ex.name, configs)
+    new = [h for h in plan.steps if h not in known and h not in plan.runs]  # new grid points made of reused stages
+    runs = {h: (configs[h], _scalar(r.params)) for h, r in plan.runs.items()}
+    runs.update((h, (configs[h], _scalar(plan.considered[h].params))) for h in new)
+    store.record_plan(sweep.name, sweep_yaml(sweep), runs, ex.name, sweep.stage_order, plan.steps)
+    if not plan.runs:
+        return
+    # parents in flight from earlier submissions (reused: the job of the run that holds them)
+    external = {(h, st): s.job_id for h, mine in plan.steps.items() for st, s in mine.items() if s.job_id}
     journal = Journal(sweep.runs_root, ex.name)
-    journal.write([{"index": a.index, "stage": a.stage, "runs": a.runs,
-                    "name": job_name(sweep.name, a.stage, journal.id, a.index)} for a in plan.arrays])
-
     runs_root = sweep.runs_root
 
     def on_queued(arr, ids: dict[str, str]) -> None:
-        with store.session() as s:
-            mark_queued(s, runs_root, [(h, arr.stage, ids.get(h)) for h in arr.runs])
+        store.set_states(queued_states(runs_root, [(h, arr.stage, ids.get(h)) for h in arr.runs]))
 
+    waves = [plan] if not ex.blocking else _waves(sweep, plan, ex.max_array_size())
+    journal.write([{"index": a.index, "stage": a.stage, "runs": a.runs,
+                    "name": job_name(sweep.name, a.stage, journal.id, a.index)} for w in waves for a in w.arrays])
     try:
-        out = ex.submit(sweep, plan, on_queued, external, journal.id)
+        for i, wave in enumerate(waves):
+            if i and ex.blocking:  # a wave whose shared parent failed does not start
+                _cancel_orphans(wave, result.states)
+            out = ex.submit(sweep, wave, on_queued, external, journal.id)
+            if ex.blocking:
+                result.states.update(out)
+            else:
+                result.job_ids = out
     except executors.SubmissionRefused:
         journal.close()  # every accepted array is recorded; nothing else was handed over
         raise
     if ex.blocking:
-        result.states = out
         ingest_dir(store, sweep.runs_root)
-        with store.session() as s:  # stages that never ran because a parent failed
-            set_states(s, {k: ("cancelled", None) for k, st in out.items() if st == "cancelled"})
-    else:
-        result.job_ids = out
+        # stages that never ran because a parent failed
+        store.set_states({k: {"status": "cancelled"} for k, st in result.states.items() if st == "cancelled"})
     journal.close()
+
+
+def _waves(sweep: Sweep, plan: Plan, max_array_size: int) -> list[Plan]:
+    """A blocking executor runs a plan in waves: a stage whose parent another run produces
+    (``shared``) waits for the wave that produces it (Slurm gets one plan: array dependencies)."""
+    level: dict[tuple[str, str], int] = {}
+    for st in sweep.stage_order:
+        for h, stages in plan.todo.items():
+            if st in stages:
+                deps = [(plan.steps[h][n].source, 1) if plan.steps[h][n].action == "shared" else ((h, n), 0)
+                        for n in plan.stage_needs[st]]
+                level[(h, st)] = max([level[p] + d for p, d in deps if p in level] or [0])
+    if not any(level.values()):
+        return [plan]
+    waves = []
+    for k in range(max(level.values()) + 1):
+        todo = {h: [st for st in stages if level[(h, st)] == k] for h, stages in plan.todo.items()}
+        wave = build_plan(sweep, todo, list(plan.runs.values()), max_array_size, plan.steps)
+        for a in wave.arrays:
+            a.index += sum(len(w.arrays) for w in waves)
+        waves.append(wave)
+    return waves
+
+
+def _cancel_orphans(wave: Plan, states: dict) -> None:
+    """Drop (and report cancelled) the stages of ``wave`` whose shared parent did not finish."""
+    for h, mine in wave.steps.items():
+        if h not in wave.todo:
+            continue
+        for st in list(wave.todo[h]):
+            for n in wave.stage_needs[st]:
+                step = mine[n]
+                src = step.source if step.action == "shared" else (h, n)
+                if src in states and states[src] != "finished" or (h, n) in states and states[(h, n)] != "finished":
+                    wave.todo[h].remove(st)
+                    states[(h, st)] = "cancelled"
+                    break
 
 
 @contextlib.contextmanager

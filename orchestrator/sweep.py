@@ -20,12 +20,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from core.config import ConfigError, RunConfig, config_hash, load_config
+from core.config import ConfigError, RunConfig, config_dict, load_config
 from orchestrator.cost import CostSpec
+from orchestrator.executors import EXECUTORS  # the backends' registry: name -> class
+from orchestrator.identity import digest_canonical
 from orchestrator.sweep_checks import (YAMLBombError, control_char_errors, grid_size, has_control_char,
                                        load_yaml_bounded, stage_input_errors)
 
-EXECUTORS = ("slurm", "local", "debug")
 _OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # an sbatch long option name
 _HASH_RE = re.compile(r"^[0-9a-f]{16}$")
 # check_geometry names its parameters bare; the dotted key is what the user edits.
@@ -119,7 +120,7 @@ class SweepFile(_Strict):
     zip: list[dict[str, list[Any]]] = []
     seeds: list[int] | None = None  # -> train.seed; None = keep the base seed
     stages: dict[str, StageSpec] = Field(min_length=1)
-    executor: Literal["slurm", "local", "debug"] = "local"
+    executor: str = "local"  # a name in orchestrator.executors.EXECUTORS
     max_parallel: int = Field(1, ge=1)  # local executor: concurrent subprocesses
     array_parallelism: int = Field(64, ge=1)  # slurm: %N of each array
     runs_dir: str = Field("runs", min_length=1)  # relative to the sweep file's folder (see the docstring)
@@ -135,15 +136,31 @@ class SweepFile(_Strict):
             raise ValueError(f"sweep name {v!r} would leave runs_dir; use letters, digits, '_', '-', '.'")
         return v
 
+    @field_validator("executor")
+    @classmethod
+    def _known_executor(cls, v: str) -> str:
+        if v not in EXECUTORS:
+            raise ValueError(f"unknown executor {v!r}; known: {', '.join(EXECUTORS)}")
+        return v
+
 
 @dataclass
 class RunSpec:
-    """One expanded grid point: its axis values, resolved config and identity."""
+    """One expanded grid point: its axis values, resolved config and identity
+    (:func:`orchestrator.identity.run_key`; a run recorded before stage identities keeps
+    its older hash, see :mod:`orchestrator.decide`)."""
 
     params: dict[str, Any]
     config: RunConfig
     run_hash: str
     label: str
+    tree: dict[str, Any] | None = field(default=None, repr=False)  # config_dict(config), computed once
+    canon: dict[str, Any] | None = field(default=None, repr=False)  # identity.canonical(tree), computed once
+
+    def config_dict(self) -> dict[str, Any]:
+        if self.tree is None:
+            self.tree = config_dict(self.config)
+        return self.tree
 
 
 @dataclass
@@ -185,11 +202,17 @@ def _fmt_validation(err: ValidationError, origin: str) -> list[str]:
 
 def _topo_order(stages: dict[str, StageSpec], origin: str, errors: list[str]) -> list[str]:
     """Stages in dependency order; missing dependencies and cycles are appended to ``errors``."""
-    from orchestrator.stages import STAGES
+    from orchestrator.slurm import cpus_per_task
+    from orchestrator.stages import DISTRIBUTED_STAGES, STAGES
 
     for name, st in stages.items():
         if name not in STAGES:
             errors.append(f"{origin}: key 'stages.{name}': unknown stage; known stages: {sorted(STAGES)}")
+        try:  # resources.cpus is per job: a distributed stage splits it over its ranks (one per GPU)
+            res = st.resources
+            cpus_per_task(res.cpus, res.gpus if name in DISTRIBUTED_STAGES and res.gpus else 1)
+        except ValueError as e:
+            errors.append(f"{origin}: key 'stages.{name}.resources.cpus': {e}")
         for need in st.needs:
             if need not in stages:
                 errors.append(f"{origin}: key 'stages.{name}.needs': depends on missing stage '{need}'")
@@ -291,7 +314,9 @@ def resolve_run(spec: SweepFile, params: dict[str, Any], origin: str) -> RunSpec
     """Build one run's config from the base and its axis values (raises ConfigError)."""
     label = run_label(params)
     cfg = load_config(_with_sections(spec.base), overrides=params, origin=f"{origin}: run {label}")
-    return RunSpec(params=dict(params), config=cfg, run_hash=config_hash(cfg), label=label)
+    tree = config_dict(cfg)
+    key, canon = digest_canonical(tree)
+    return RunSpec(params=dict(params), config=cfg, run_hash=key, label=label, tree=tree, canon=canon)
 
 
 def load_sweep(path: str | Path) -> Sweep:

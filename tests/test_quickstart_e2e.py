@@ -60,3 +60,32 @@ def test_minimal_quickstart_submit_wait_and_figures(tmp_path):
                  "table1_structure_loss.tex", "fig6_convergence.png", "fig8_gflops.png"]:
         assert (figs / name).stat().st_size > 0, name
         assert str(figs / name) in out.stdout
+
+
+def test_quickstart_grid_gives_a_fitted_curve_and_a_prediction_table(tmp_path):
+    """The quickstart's three patch sizes (4, 16, 64 tokens at 32 px) × 2 seeds, at tiny steps:
+    `figures` fits each line's token-scaling curve and predicts its 64-token point from the
+    4- and 16-token runs (issue 17 §6)."""
+    spec = yaml.safe_load((REPO / "sweeps" / "quickstart.yaml").read_text())
+    assert len(spec["axes"]["model.patch_size"]) >= 3 and len(spec["seeds"]) >= 2
+    spec["name"] = "quickstart_fit"
+    spec["base"]["data"].update(train_size=128, val_size=64, batch_size=16)
+    spec["base"]["train"].update(steps=4, ckpt_every=4, log_every=2)
+    spec["base"]["eval"].update(num_samples=32, probe_train=64, probe_val=32, batch_size=32)
+    spec["base"]["generator"].update(steps=4, batch_size=16, num_samples=32, sample_steps=2, eval_at=[])
+    spec["axes"] = {"model.patch_size": spec["axes"]["model.patch_size"], "model.split_depth": [2]}
+    spec["seeds"] = spec["seeds"][:2]
+    spec["runs_dir"] = str(tmp_path / "runs")
+    sweep = tmp_path / "qs.yaml"
+    sweep.write_text(yaml.safe_dump(spec))
+    db = f"sqlite:///{tmp_path / 'results.db'}"
+    out = orchestrate("submit", str(sweep), "--wait", "--db", db, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    figs = tmp_path / "figs"
+    out = orchestrate("figures", "--db", db, "--out", str(figs), "--only", "fits,predictions", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    fits = (figs / "fits.md").read_text()
+    assert "| tokens |" in fits and "| 6 | 3 |" in fits  # 3 token counts × 2 seeds fitted
+    table = (figs / "predictions_holdout.md").read_text()
+    assert "tokens 4, 16" in table and "tokens 64" in table and "A·T^(−α)" not in table
+    assert "A*T^-alpha" in table  # two token counts left: the 2-parameter law

@@ -6,6 +6,8 @@ conv classifiers trained on its own synthetic data set (``core/eval/train_featne
 deterministic, weights committed under ``core/assets/``):
 
 * ``embedded-featnet-v1`` (``featnet_v1.pt``): the offline FID/IS backbone only;
+* ``embedded-featnet-fmnist-v1`` (``featnet_fmnist_v1.pt``): the same layout trained on the
+  Fashion-MNIST train split only (``eval.fid_backbone: embedded-fmnist``), for real images;
 * ``embedded-percepnet-v1`` (``percepnet_v1.pt``): the LPIPS substitute used for the
   training loss and the offline LPIPS metric.  Different widths, max- instead of
   average-pooling, another init seed and another synthetic draw: no shared weights, so a
@@ -38,10 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FEATNET_NAME = "embedded-featnet-v1"
+FEATNET_FMNIST_NAME = "embedded-featnet-fmnist-v1"  # same layout, trained on Fashion-MNIST train only
 PERCEPNET_NAME = "embedded-percepnet-v1"
 NATIVE_SIZE = 32
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_WEIGHTS = _ASSETS / "featnet_v1.pt"
+FMNIST_WEIGHTS = _ASSETS / "featnet_fmnist_v1.pt"
 PERCEPNET_WEIGHTS = _ASSETS / "percepnet_v1.pt"
 WIDTHS = (32, 64, 96, 128)
 PERCEPNET_WIDTHS = (24, 48, 64, 96)
@@ -107,7 +111,8 @@ def load_featnet(path: str | Path | None = None, device: str | torch.device = "c
     if not path.is_file():
         raise FileNotFoundError(
             f"embedded network weights not found: {path} "
-            f"(regenerate with: python -m core.eval.train_featnet --arch {'percepnet' if 'percep' in path.name else 'featnet'})"
+            f"(regenerate with: python -m core.eval.train_featnet --arch "
+            f"{'percepnet' if 'percep' in path.name else 'featnet-fmnist' if 'fmnist' in path.name else 'featnet'})"
         )
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "state_dict" not in blob:

@@ -8,12 +8,16 @@
   registered with torch-fidelity as a feature extractor: 'pool' (B, 128) for FID,
   'logits_unbiased' for IS (mirroring Inception's protocol).  A proxy: its numbers are
   recorded with this backbone name and never compared with Inception FID.
+* ``embedded-featnet-fmnist-v1``: the same network trained on Fashion-MNIST's train split
+  (``eval.fid_backbone: embedded-fmnist``), the proxy for that dataset.
 
-:func:`compute_fid_is` takes two in-memory image sets through ``torch_fidelity.calculate_metrics``.
-The evaluation stages stream instead (bounded memory at ImageNet size): :class:`FidelityFeatures`
+:func:`compute_fid_is` takes two in-memory image sets; the evaluation stages stream them (bounded
+memory at ImageNet size) through the same pieces: :class:`FidelityFeatures`
 runs torch-fidelity's extractor on each batch, :class:`FeatureStatistics` keeps running float64
 sums (mean, covariance; O(D²) memory), IS keeps only the logits, and the distance and the score
-are torch-fidelity's own (``fid_statistics_to_metric``, ``isc_features_to_metric``).  A
+are torch-fidelity's own (``fid_statistics_to_metric``, ``isc_features_to_metric``), with the
+Inception Score split as the ADM evaluator splits it (:data:`IS_RULE`, recorded beside every IS).
+Data-parallel stages add the feature sums over ranks (:meth:`FeatureStatistics.all_reduce`).  A
 precomputed reference (``eval.fid_reference``, npz with ``mu``/``sigma``) replaces the real set.
 """
 from __future__ import annotations
@@ -25,20 +29,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch_fidelity
+import torch.distributed as dist
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
-from core.eval.featnet import FEATNET_NAME, load_featnet
+from core.eval.featnet import FEATNET_FMNIST_NAME, FEATNET_NAME, FMNIST_WEIGHTS, load_featnet
 from core.io import write_atomic
 
 INCEPTION_NAME = "inception-v3-compat"
+IS_SPLIT_SIZE = 5000  # ADM evaluator: Inception Score over consecutive chunks of 5,000 samples
+IS_RULE = f"adm: consecutive splits of {IS_SPLIT_SIZE} samples in sample order, no shuffle"
+# the rule of results written before IS_RULE (torch-fidelity's default), named for like-with-like
+LEGACY_IS_RULE = "torch-fidelity: 10 splits (N if fewer) after a shuffle with seed 2020"
 _BACKBONES = {"embedded": FEATNET_NAME, FEATNET_NAME: FEATNET_NAME,
+              "embedded-fmnist": FEATNET_FMNIST_NAME, FEATNET_FMNIST_NAME: FEATNET_FMNIST_NAME,
               "inception": INCEPTION_NAME, INCEPTION_NAME: INCEPTION_NAME}
 
 
@@ -56,7 +65,7 @@ class FeatureExtractorFeatNet(FeatureExtractorBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"{FEATNET_NAME} expects uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(f"{self.name} expects uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
         pool, logits = self.net.features(x.float() / 127.5 - 1.0)  # (B, 128), (B, K)
         out = {"pool": pool, "logits": logits, "logits_unbiased": logits - self.net.head.bias}
         return tuple(out[name].float() for name in self.features_list)
@@ -78,8 +87,17 @@ class FeatureExtractorFeatNet(FeatureExtractorBase):
         return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
 
+class FeatureExtractorFeatNetFMNIST(FeatureExtractorFeatNet):
+    """The same extractor with the Fashion-MNIST weights (``core/assets/featnet_fmnist_v1.pt``) by default."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list, feature_extractor_weights_path or FMNIST_WEIGHTS, **kwargs)
+
+
 if FEATNET_NAME not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(FEATNET_NAME, FeatureExtractorFeatNet)
+if FEATNET_FMNIST_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(FEATNET_FMNIST_NAME, FeatureExtractorFeatNetFMNIST)
 
 
 class Uint8Images(Dataset):
@@ -103,8 +121,10 @@ def resolve_backbone(eval_cfg) -> str:
     'auto' = Inception when ``eval.inception_weights`` is an existing file, else the
     embedded network (with a warning when a path was given but is missing; the backbone
     name recorded beside every number says which one ran).  'inception' with a missing
-    file is an error.
+    file is an error.  'embedded-fmnist' = the Fashion-MNIST feature network, always.
     """
+    if eval_cfg.fid_backbone == "embedded-fmnist":
+        return FEATNET_FMNIST_NAME
     weights = eval_cfg.inception_weights
     have = weights is not None and Path(weights).expanduser().is_file()
     if eval_cfg.fid_backbone == "inception" and not have:
@@ -145,14 +165,18 @@ def fidelity_kwargs(backbone: str, inception_weights: str | None = None, device:
 def compute_fid_is(fake_uint8: torch.Tensor, real_uint8: torch.Tensor, backbone: str = "embedded",
                    inception_weights: str | None = None, isc: bool = True, device: str | None = None,
                    batch_size: int = 64) -> dict:
-    """FID between two image sets and the Inception Score of the first.
+    """FID between two in-memory image sets and the Inception Score of the first.
+
+    The streaming path of the stages (:class:`FidelityFeatures`, :class:`FeatureStatistics`)
+    on whole tensors; equal to ``torch_fidelity.calculate_metrics`` on the same images
+    (tests/core/test_fid.py), with the IS splits of :func:`inception_score`.
 
     Parameters
     ----------
     fake_uint8, real_uint8 : uint8 (N, 3, H, W) images (reconstructions or samples; data).
     backbone : 'embedded' | 'inception' (or the full names from :func:`resolve_backbone`).
     inception_weights : local torch-fidelity Inception weights file (backbone 'inception').
-    isc : also compute the Inception Score of ``fake_uint8`` (10 splits, or N if fewer).
+    isc : also compute the Inception Score of ``fake_uint8`` (rule :data:`IS_RULE`).
     device : 'cpu' | 'cuda'; None = cuda when available.
 
     Returns
@@ -160,20 +184,22 @@ def compute_fid_is(fake_uint8: torch.Tensor, real_uint8: torch.Tensor, backbone:
     dict(fid, inception_score, inception_score_std (None when isc=False), backbone=NAME,
     num_fake, num_real).
     """
-    kwargs = fidelity_kwargs(backbone, inception_weights, device, batch_size)
     fake, real = Uint8Images(fake_uint8, "fake images"), Uint8Images(real_uint8, "real images")
     if len(fake) < 2 or len(real) < 2:
         raise ValueError(f"FID needs at least 2 images per set, got {len(fake)} fake and {len(real)} real")
-    metrics = torch_fidelity.calculate_metrics(
-        input1=fake, input2=real, fid=True, isc=isc, isc_splits=min(10, len(fake)), **kwargs
-    )
+    features = FidelityFeatures(backbone, inception_weights, isc=isc, device=device)
+    stats, logits = {"fake": FeatureStatistics(), "real": FeatureStatistics()}, []
+    for name, images in (("fake", fake.images), ("real", real.images)):
+        for i in range(0, len(images), batch_size):
+            feats, lg = features.features(images[i : i + batch_size])
+            stats[name].update(feats)
+            if isc and name == "fake":
+                logits.append(lg)
+    is_mean, is_std = inception_score(torch.cat(logits)) if isc else (None, None)
     return {
-        "fid": float(metrics["frechet_inception_distance"]),
-        "inception_score": float(metrics["inception_score_mean"]) if isc else None,
-        "inception_score_std": float(metrics["inception_score_std"]) if isc else None,
-        "backbone": kwargs["feature_extractor"],
-        "num_fake": len(fake),
-        "num_real": len(real),
+        "fid": frechet_distance(stats["fake"].statistics(), stats["real"].statistics()),
+        "inception_score": is_mean, "inception_score_std": is_std,
+        "backbone": features.backbone, "num_fake": len(fake), "num_real": len(real),
     }
 
 
@@ -227,6 +253,36 @@ class FeatureStatistics:
         self.n += len(x)
         self.sum += x.sum(0)
         self.outer += x.T @ x
+
+    def all_reduce(self, info) -> "FeatureStatistics":
+        """Add the sums of every rank of ``info`` (a ``core.trainer.distributed.DistInfo``) in place.
+
+        Collective; afterwards every rank holds the statistics of all ranks' features, as one
+        process would have accumulated them up to float64 rounding.  The ranks' sums are
+        re-centred on one common shift (the count-weighted mean of their shifts) before they
+        are added: sums around x − c from sums around x − s, with d = s − c,
+        Σ(x−c) = S + n·d and Σ(x−c)(x−c)ᵀ = O + S·dᵀ + d·Sᵀ + n·d·dᵀ.
+        """
+        if not info.enabled:
+            return self
+        dev = info.device  # nccl reduces device tensors; gloo CPU ones
+        fewest = torch.tensor([float(self.n)], dtype=torch.float64, device=dev)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)  # every rank raises alike, none waits for ever
+        if fewest.item() == 0:
+            raise ValueError("a rank has no features to reduce (fewer images than ranks)")
+        head = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.n * self.shift]).to(dev)
+        dist.all_reduce(head)
+        head = head.cpu()
+        n, centre = int(head[0]), head[1:] / head[0]
+        d = self.shift - centre
+        total = self.sum + self.n * d
+        outer = self.outer + torch.outer(self.sum, d) + torch.outer(d, self.sum) + self.n * torch.outer(d, d)
+        flat = torch.cat([total, outer.flatten()]).to(dev)
+        dist.all_reduce(flat)
+        flat = flat.cpu()
+        dim = len(total)
+        self.n, self.shift, self.sum, self.outer = n, centre, flat[:dim], flat[dim:].reshape(dim, dim)
+        return self
 
     def statistics(self) -> dict[str, np.ndarray]:
         """{'mu': (D,), 'sigma': (D, D)} float64, torch-fidelity's statistics format."""
@@ -286,10 +342,19 @@ def frechet_distance(stats_1: dict, stats_2: dict) -> float:
     return float(fid_statistics_to_metric(as64(stats_1), as64(stats_2), verbose=False)[KEY_METRIC_FID])
 
 
-def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) Inception Score of logits (N, C) (torch-fidelity's ``isc_features_to_metric``)."""
-    out = isc_features_to_metric(logits, splits=min(splits, len(logits)))
-    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+def inception_score(logits: torch.Tensor, split_size: int = IS_SPLIT_SIZE) -> tuple[float, float]:
+    """(mean, std over splits) Inception Score of logits (N, C), by the ADM evaluator's rule.
+
+    The splits are consecutive chunks of ``split_size`` samples in the order given (the last
+    one shorter when N is not a multiple), never shuffled: ADM's ``compute_inception_score``
+    (50k samples -> 10 splits of 5,000).  Each split's score is torch-fidelity's
+    (``isc_features_to_metric`` on that chunk, float64 softmax).  :data:`IS_RULE` names the rule.
+    """
+    if split_size < 1:
+        raise ValueError(f"split_size={split_size} must be >= 1")
+    scores = [isc_features_to_metric(logits[i : i + split_size], splits=1, shuffle=False)[KEY_METRIC_ISC_MEAN]
+              for i in range(0, len(logits), split_size)]
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 class _RandomInception(FeatureExtractorInceptionV3):

@@ -1,4 +1,4 @@
-"""FLOPs of the tokenizer for one image.
+"""FLOPs counted on a built model (torch); the closed forms are ``core.models.flops_formulas``.
 
 Convention: **FLOPs = 2 · MACs** of matrix multiplications and convolutions (the
 convention of ``torch.utils.flop_counter.FlopCounterMode`` and of the ViT/DiT papers);
@@ -73,34 +73,3 @@ def tokenizer_flops(model, image_size: int) -> dict[str, int]:
         decoder = count_flops(model.decoder, z)
     return {"encoder": encoder, "decoder": decoder, "total": encoder + decoder}
 
-
-def vit_encoder_flops_closed_form(
-    image_size: int,
-    patch_size: int,
-    width: int,
-    depth: int,
-    latent_size: int,
-    latent_channels: int,
-    class_token: bool = False,
-    in_chans: int = 3,
-    mlp_ratio: int = 4,
-) -> int:
-    """Closed-form FLOPs (2·MACs) of the vanilla encoder (no staged compression), one image.
-
-    patch embed 2·T²·d·(3p²); per block with N = T² (+1 with a class token):
-    qkv 2·N·d·3d + attention 4·N²·d + proj 2·N·d·d + MLP 2·N·d·(r·d)·2;
-    bottleneck MLP (in → d → out) on N_b positions: 2·N_b·(in·d + d·out), where the token
-    grid T merges (T > h: in = d·(T/h)², N_b = h²), maps (T = h) or splits
-    (T < h: out = c·(h/T)², N_b = T²) onto the latent grid h.
-    """
-    d, t, h, c = width, image_size // patch_size, latent_size, latent_channels
-    flops = 2 * t * t * d * in_chans * patch_size**2
-    n = t * t + int(class_token)
-    per_block = 2 * n * d * 3 * d + 4 * n * n * d + 2 * n * d * d + 2 * n * d * mlp_ratio * d * 2
-    flops += depth * per_block
-    if t >= h:
-        positions, in_dim, out_dim = h * h, d * (t // h) ** 2, c
-    else:
-        positions, in_dim, out_dim = t * t, d, c * (h // t) ** 2
-    flops += 2 * positions * (in_dim * d + d * out_dim)
-    return flops

@@ -1,15 +1,18 @@
-"""Generator training loop: flow matching on normalised latents, EMA, exact resume.
+"""Generator training: the flow-matching step and the gFID hook, run by :class:`core.trainer.loop.Loop`.
 
-Recipe (RAE stage 2 / LightningDiT): AdamW(lr = generator.lr, betas (0.9, 0.95), wd 0),
-constant learning rate, grad-norm clip 1.0, EMA of the weights with decay generator.ema
-(after a warm-up, :func:`ema_decay`), class dropout for CFG.  Batches come from
-:class:`core.data.DeterministicBatchSampler` (a pure function of (seed, step)) and the flow
-noise from one ``torch.Generator`` whose state is checkpointed, so a resumed run continues
-the exact random stream.
+Recipe (RAE stage 2 / LightningDiT): AdamW(lr = generator.lr, betas (0.9, 0.95), wd 0)
+from :func:`core.trainer.optim.build_optimizer`, constant learning rate (it does not depend
+on ``generator.steps``, so a finished run continued to more steps trains as one longer run
+would), grad-norm clip 1.0, EMA of the weights with decay generator.ema after a warm-up
+that depends on the step only (:func:`ema_decay`), class dropout for CFG.  Batches come
+from :class:`core.data.DeterministicBatchSampler` (a pure function of (seed, step)) and the
+flow noise from one ``torch.Generator`` whose state is checkpointed, so a resumed run
+continues the exact random stream.  Resume, log (each step once), the non-finite-loss stop
+and checkpoints are the loop's, shared with the tokenizer.
 
 After each step in ``generator.eval_at`` and after the last step, ``evaluate(ema_model, step)``
-returns metric rows; they are saved in the checkpoint written right after, so an evaluation
-is never repeated or lost on resume.
+returns metric rows (:class:`EvalHook`); they are saved in the checkpoint written right
+after, so an evaluation is never repeated or lost on resume.
 
 Data parallel (``dist_info`` with W ranks): ``generator.batch_size`` is the global batch,
 rank r trains on rows r, r + W, ... of it; the flow noise is drawn for the global batch and
@@ -21,21 +24,20 @@ exactly.  Only rank 0 writes; ``evaluate`` is called on every rank (it may be co
 """
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from tqdm.auto import tqdm
 
+from core.config import OptimConfig
 from core.data.sampler import DeterministicBatchSampler
 from core.generator.flow import flow_loss, shift_for
 from core.models.dit import DiT
 from core.trainer import distributed as D
-from core.trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from core.trainer.ema import EMA
-from core.trainer.loop import compile_blocks
+from core.trainer.compile import compile_model
+from core.trainer.loop import Loop, LoopSettings
+from core.trainer.optim import build_optimizer
 
 if TYPE_CHECKING:
     from core.config import GeneratorConfig
@@ -77,31 +79,88 @@ def eval_steps(gen_cfg: "GeneratorConfig") -> list[int]:
     return sorted(set(gen_cfg.eval_at) | {gen_cfg.steps})
 
 
-def train_generator(
-    gen_cfg: "GeneratorConfig",
-    latents: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    out_dir: str | Path,
-    *,
-    seed: int,
-    device: str | torch.device = "cpu",
-    evaluate: EvaluateFn | None = None,
-    ckpt_every: int = 50,
-    keep_last: int = 3,
-    log_every: int = 10,
-    bf16: bool = False,
-    stop_at_step: int | None = None,
-    dist_info: D.DistInfo | None = None,
-    compile: bool = False,
-) -> dict:
-    """Train (or resume) the DiT on normalised ``latents`` (N, c, h, h) with ``labels`` (N,).
+class FlowStep:
+    """The generator's :class:`core.trainer.loop.Step`: flow-matching loss on this rank's latents.
 
-    Writes ``out_dir/checkpoints/`` (core.trainer.checkpoint layout) and appends to
-    ``out_dir/log.jsonl`` (rank 0).  ``stop_at_step`` stops early with a checkpoint (staged
-    runs, tests).  ``latents``/``labels`` may be any objects indexable by an index tensor
-    with ``len`` and ``shape`` (e.g. memory-mapped shards).  ``dist_info``: data
-    parallelism (None: one process); ``compile``: torch.compile the DiT blocks.
+    Rank r of W trains on rows r, r + W, ... of the global batch; the flow noise is drawn
+    for the global batch and sliced (:func:`core.generator.flow.flow_loss` ``shard``).
+    """
+
+    def __init__(self, model: DiT, gen_cfg: "GeneratorConfig", latents, labels, num_classes: int, shift: float,
+                 seed: int, info: D.DistInfo):
+        self.model, self.gen_cfg, self.latents, self.labels, self.shift, self.info = (
+            model, gen_cfg, latents, labels, shift, info)
+        self.meta = {"size": gen_cfg.size, "latent_shape": list(latents.shape[1:]), "num_classes": num_classes}
+        self.noise_gen = torch.Generator(device=info.device).manual_seed(seed)  # t, ε, class dropout; same on every rank
+        self.sampler = DeterministicBatchSampler(len(latents), gen_cfg.batch_size // info.world_size, seed, info.rank,
+                                                 info.world_size)
+
+    def start(self, step: int) -> None:
+        pass
+
+    def loss(self, step: int):
+        idx = torch.as_tensor(self.sampler.batch(step))
+        device = self.info.device
+        x, y = self.latents[idx].to(device, non_blocking=True), self.labels[idx].to(device, non_blocking=True)
+        loss = flow_loss(self.model, x, y, shift=self.shift, class_dropout=self.gen_cfg.class_dropout,
+                         null_class=self.model.null_class, generator=self.noise_gen,
+                         shard=(self.info.rank, self.info.world_size))
+        return loss, {}
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"noise_gen": self.noise_gen.get_state(), **self.meta}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != self.meta["size"] or list(state["latent_shape"]) != self.meta["latent_shape"]:
+            raise ValueError(
+                f"checkpoint of a {state['size']!r} DiT on latents {tuple(state['latent_shape'])}; the config asks "
+                f"for generator.size={self.meta['size']!r} on {tuple(self.meta['latent_shape'])}")
+        self.noise_gen.set_state(state["noise_gen"])
+
+
+class EvalHook:
+    """gFID/IS after the steps of :func:`eval_steps`: ``evaluate(ema_model, step)`` -> metric rows,
+    logged as ``{"step", "eval": row}`` and kept in the checkpoint (``metrics``)."""
+
+    def __init__(self, evaluate: EvaluateFn | None, steps: list[int]):
+        self.evaluate, self.steps, self.metrics = evaluate, set(steps), []
+
+    def due(self, step: int) -> bool:
+        return step in self.steps
+
+    def __call__(self, loop: Loop, step: int) -> None:
+        if self.evaluate is None:
+            return
+        rows = self.evaluate(loop.ema.shadow, step)
+        self.metrics.extend(rows)
+        for row in rows:
+            loop.log({"step": step, "eval": row})
+
+    def state_dict(self) -> dict:
+        return {"metrics": self.metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.metrics = list(state["metrics"])
+
+
+def train_generator(gen_cfg: "GeneratorConfig", latents, labels, num_classes: int, out_dir: str | Path, *, seed: int,
+                    evaluate: EvaluateFn | None = None, stop_at_step: int | None = None,
+                    dist_info: D.DistInfo | None = None, device: str | torch.device = "cpu", compile: bool = False,
+                    **loop) -> dict:
+    """Train (or resume, also to a larger ``generator.steps``) the DiT on normalised ``latents`` (N, c, h, h).
+
+    Writes ``out_dir/checkpoints/`` and ``out_dir/log.jsonl`` (rank 0).  ``stop_at_step``
+    stops early with a checkpoint (staged runs, tests).  ``latents``/``labels`` may be any
+    objects indexable by an index tensor with ``len`` and ``shape`` (e.g. memory-mapped
+    shards).  ``dist_info``: data parallelism (None: one process on ``device``); ``compile``:
+    torch.compile the DiT; ``loop``: :class:`core.trainer.loop.LoopSettings` fields
+    (``ckpt_every``, ``keep_last``, ``log_every``, ``bf16``).
 
     Returns
     -------
@@ -113,7 +172,6 @@ def train_generator(
     out_dir = Path(out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
     if len(latents) < gen_cfg.batch_size:
         raise ValueError(f"{len(latents)} latents are fewer than one batch (generator.batch_size={gen_cfg.batch_size})")
     if gen_cfg.batch_size % info.world_size:
@@ -123,84 +181,19 @@ def train_generator(
     shift = resolve_shift(gen_cfg, latent_shape)
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on ``seed`` only
         torch.manual_seed(seed)
-        model = build_generator(gen_cfg, latent_shape, num_classes).to(device)
+        model = build_generator(gen_cfg, latent_shape, num_classes).to(info.device)
     D.broadcast_module(model, info)  # identical already (same seed); cheap insurance
     ema = EMA(model, gen_cfg.ema)
-    fused = torch.device(device).type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=gen_cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused or None)
-    noise_gen = torch.Generator(device=device).manual_seed(seed)  # t, ε and class dropout; same on every rank
-    sampler = DeterministicBatchSampler(len(latents), gen_cfg.batch_size // info.world_size, seed, info.rank,
-                                        info.world_size)
-    grad_sync = D.GradientSync(list(model.parameters()), info) if info.enabled else None
+    opt = build_optimizer({"model": model}, OptimConfig(lr=gen_cfg.lr, betas=(0.9, 0.95), weight_decay=0.0),
+                          fused=info.device.type == "cuda")
     if compile:
-        compile_blocks(model)  # after the EMA copy, which stays eager
-    step, metrics, train_time = 0, [], 0.0
-
-    last = latest_checkpoint(ckpt_dir)
-    if last is not None:
-        ckpt = load_checkpoint(last)
-        if ckpt["size"] != gen_cfg.size or tuple(ckpt["latent_shape"]) != latent_shape:
-            raise ValueError(
-                f"{last}: checkpoint of a {ckpt['size']!r} DiT on latents {tuple(ckpt['latent_shape'])}; "
-                f"the config asks for generator.size={gen_cfg.size!r} on {latent_shape}"
-            )
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        noise_gen.set_state(ckpt["noise_gen"])
-        set_rng_state(ckpt["rng"])
-        step, metrics, train_time = ckpt["step"], ckpt["metrics"], ckpt["train_time_s"]
-
-    def save() -> None:
-        if info.is_main:
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "noise_gen": noise_gen.get_state(), "rng": rng_state(), "metrics": metrics,
-                     "train_time_s": train_time, "size": gen_cfg.size, "latent_shape": list(latent_shape),
-                     "num_classes": num_classes, "world_size": info.world_size}
-            save_checkpoint(ckpt_dir, step, state, keep_last)
-        D.barrier(info)
-
-    def log(row: dict) -> None:
-        if info.is_main:
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    evals = set(eval_steps(gen_cfg))
-    end = gen_cfg.steps if stop_at_step is None else min(stop_at_step, gen_cfg.steps)
-    model.train()
-    bar = tqdm(total=gen_cfg.steps, initial=step, desc=f"generator {gen_cfg.size}", leave=False,
-               disable=None if info.is_main else True)
-    while step < end:
-        t0 = time.perf_counter()
-        idx = torch.as_tensor(sampler.batch(step))
-        x, y = latents[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss = flow_loss(model, x, y, shift=shift, class_dropout=gen_cfg.class_dropout,
-                             null_class=model.null_class, generator=noise_gen, shard=(info.rank, info.world_size))
-        opt.zero_grad(set_to_none=True)
-        if grad_sync is not None:
-            grad_sync.start()
-        loss.backward()
-        if grad_sync is not None:
-            grad_sync.finish()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.decay = ema_decay(gen_cfg.ema, step)
-        ema.update(model)
-        step += 1
-        train_time += time.perf_counter() - t0
-        bar.update(1)
-        if step % log_every == 0 or step == gen_cfg.steps:  # the only host syncs of a step
-            row = D.mean_over_ranks({"loss": loss.item(), "grad_norm": grad_norm.item()}, info)
-            log({"step": step, **row, "train_time_s": train_time})
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if step in evals and evaluate is not None:
-            rows = evaluate(ema.shadow, step)
-            metrics.extend(rows)
-            for row in rows:
-                log({"step": step, "eval": row})
-        if step in evals or step % ckpt_every == 0 or step == end:
-            save()
-    bar.close()
-    return {"model": model, "ema": ema.shadow, "step": step, "shift": shift, "metrics": metrics,
-            "train_time_s": train_time}
+        compile_model(model)  # after the EMA copy, which stays eager
+    settings = LoopSettings(steps=gen_cfg.steps, lr=lambda s: gen_cfg.lr, grad_clip=1.0, seed=seed,
+                            ema_decay=lambda s: ema_decay(gen_cfg.ema, s), desc=f"generator {gen_cfg.size}", **loop)
+    hook = EvalHook(evaluate, eval_steps(gen_cfg))
+    runner = Loop(out_dir, model, FlowStep(model, gen_cfg, latents, labels, num_classes, shift, seed, info), opt,
+                  list(model.parameters()), settings, info, ema=ema, hooks=[hook])
+    runner.resume()
+    runner.run(stop_at_step)
+    return {"model": model, "ema": ema.shadow, "step": runner.step, "shift": shift, "metrics": hook.metrics,
+            "train_time_s": runner.train_time_s}

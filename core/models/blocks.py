@@ -5,10 +5,20 @@ blocks see them flattened to ``(B, H·W, C)``); the latent is ``(B, c, h, h)`` c
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
+
+
+def float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for ``x``'s device, where it is on: the layers inside compute in their
+    parameters' dtype (float32).  A no-op on devices autocast does not know (meta)."""
+    if x.device.type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def unshuffle(x: torch.Tensor, r: int) -> torch.Tensor:

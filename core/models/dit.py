@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.models.blocks import float32_region
 from core.models.geometry import DIT_SIZES, DiTSize  # noqa: F401 (registry re-exported; torch-free)
 
 
@@ -134,7 +135,9 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        with float32_region(x):  # the velocity from a float32 projection
+            w = self.linear.weight.dtype
+            return self.linear(modulate(self.norm(x.to(w)), shift.to(w), scale.to(w)))
 
 
 # ----------------------------------------------------------------------------- model
@@ -214,7 +217,9 @@ class DiT(nn.Module):
                 f"DiT expects latents (B, {self.in_channels}, {self.latent_size}, {self.latent_size}); "
                 f"got {tuple(x.shape)}"
             )
-        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, N, d), N = grid²
+        # (B, N, d), N = grid²; the residual stream stays in the parameters' dtype (float32)
+        # under bf16 autocast, as the tokenizer's does.
+        h = self.x_embedder(x).flatten(2).transpose(1, 2).to(self.x_embedder.weight.dtype)
         c = self.t_embedder(t.expand(x.shape[0])) + self.y_embedder(y)  # (B, d)
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:

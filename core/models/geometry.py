@@ -1,9 +1,9 @@
-"""Model size registries and the tokenizer geometry check — no torch.
+"""Model size registries and the tokenizer geometry (check, decoder split) — no torch.
 
 Config validation (``core.config.RunConfig``) and the orchestrator's sweep validation, dry
-run and cost estimate need only these numbers; importing the model code (torch, timm)
-would cost seconds per ``orchestrate submit``.  ``core.models.tokenizer`` and
-``core.models.dit`` re-export them.
+run and cost estimate (``core.models.flops_formulas``) need only these numbers; importing
+the model code (torch, timm) would cost seconds per ``orchestrate submit``.
+``core.models.tokenizer`` and ``core.models.dit`` re-export them.
 """
 from __future__ import annotations
 
@@ -43,6 +43,15 @@ DIT_SIZES: dict[str, DiTSize] = {
     "L": DiTSize(1024, 24, 16),
     "XL": DiTSize(1152, 28, 16),
 }
+
+
+def decoder_split(split_depth: int, encoder_depth: int, decoder_depth: int) -> int:
+    """Decoder blocks on the full-resolution grid: round(k·D_d/D_e), halves rounded up.
+
+    The decoder mirrors the encoder's proportion of full-grid blocks, so k = D_e (vanilla)
+    gives D_d and k = 0 gives 0 (decompression right before the pixel projection).
+    """
+    return (2 * split_depth * decoder_depth + encoder_depth) // (2 * encoder_depth)
 
 
 def check_geometry(

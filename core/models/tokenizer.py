@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from core.models.blocks import FromLatent, ToLatent, compression, decompression
-from core.models.geometry import VIT_SIZES, ViTSize, check_geometry  # noqa: F401 (re-exported)
+from core.models.blocks import FromLatent, ToLatent, compression, decompression, float32_region
+from core.models.geometry import VIT_SIZES, ViTSize, check_geometry, decoder_split  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from core.config import ModelConfig
@@ -83,15 +83,6 @@ class TokenOutput(NamedTuple):
     grid: tuple[int, int]  # (h', w') with N' = h'·w'
 
 
-def decoder_split(split_depth: int, encoder_depth: int, decoder_depth: int) -> int:
-    """Decoder blocks on the full-resolution grid: round(k·D_d/D_e), halves rounded up.
-
-    The decoder mirrors the encoder's proportion of full-grid blocks, so k = D_e (vanilla)
-    gives D_d and k = 0 gives 0 (decompression right before the pixel projection).
-    """
-    return (2 * split_depth * decoder_depth + encoder_depth) // (2 * encoder_depth)
-
-
 def _blocks(n: int, size: ViTSize) -> nn.ModuleList:
     return nn.ModuleList(Block(size.width, size.heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(n))
 
@@ -150,7 +141,11 @@ class Encoder(nn.Module):
                 f"input {H}x{W} is not divisible by {step} (patch_size={self.patch_size}"
                 f"{', doubled by staged compression' if self.compressed else ''})"
             )
-        x = self.patch_embed(x).permute(0, 2, 3, 1)  # (B, gh, gw, d)
+        # The residual stream keeps the parameters' dtype (float32) in every arm: under bf16
+        # autocast the conv patch embedding and (de)compression return bf16, and a stream cast
+        # there only when split_depth < depth would confound split depth with precision.
+        dtype = self.pos_embed.dtype
+        x = self.patch_embed(x).permute(0, 2, 3, 1).to(dtype)  # (B, gh, gw, d)
         gh, gw = x.shape[1:3]
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape[0] != B or mask[0].numel() != gh * gw:
@@ -162,7 +157,7 @@ class Encoder(nn.Module):
         x = x + self.pos_embed_for(gh, gw)
         cls = self.cls_token.expand(B, -1, -1) if self.cls_token is not None else None
         x, cls = _run_blocks(self.blocks1, x, cls)
-        x = self.compress(x)
+        x = self.compress(x).to(dtype)
         x, cls = _run_blocks(self.blocks2, x, cls)
         x = self.norm(x)
         cls = self.norm(cls) if cls is not None else None
@@ -194,11 +189,13 @@ class Decoder(nn.Module):
         self.to_pixels = nn.Linear(d, 3 * p * p)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.from_latent(z) + self.pos_embed  # (B, T', T', d)
+        dtype = self.pos_embed.dtype  # residual stream dtype, as in the encoder
+        x = self.from_latent(z).to(dtype) + self.pos_embed  # (B, T', T', d)
         x, _ = _run_blocks(self.blocks1, x, None)
-        x = self.decompress(x)  # (B, T, T, d)
+        x = self.decompress(x).to(dtype)  # (B, T, T, d)
         x, _ = _run_blocks(self.blocks2, x, None)
-        x = self.to_pixels(self.norm(x))  # (B, T, T, 3·p²)
+        with float32_region(x):  # pixels from a float32 projection
+            x = self.to_pixels(self.norm(x).to(self.to_pixels.weight.dtype))  # (B, T, T, 3·p²)
         return F.pixel_shuffle(x.permute(0, 3, 1, 2), self.patch_size)  # (B, 3, H, W)
 
 

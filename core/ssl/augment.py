@@ -1,10 +1,11 @@
 """Multi-crop augmentation (DINO/iBOT pipelines), vectorised over the batch in torch.
 
-Every random number comes from a CPU ``torch.Generator`` seeded by ``(seed, step, stream)``
+Every random number comes from a ``torch.Generator`` seeded by ``(seed, step, stream)``
 (:func:`core.seed.step_generator`), so a resumed run draws exactly the crops it would have
 drawn.  Passed as a :class:`core.seed.BatchRNG`, the numbers are those of this rank's rows of
 the global batch: ranks draw different crops, and the global batch equals one process's.
-Numbers are drawn on the CPU and copied to the images' device (no device-to-host sync).
+The trainer's generator lives on the images' device: numbers are drawn there, nothing is
+copied from the host and nothing branches on a drawn value (no host-device round trip).
 
 Per crop, following DINO/iBOT: random-resized crop (area ``scale``, aspect 3/4..4/3) +
 horizontal flip 0.5; colour jitter (brightness 0.4, contrast 0.4, saturation 0.2,
@@ -45,12 +46,9 @@ def local_crop_size(image_size: int, multiple: int, size: int | None = None) -> 
     return out
 
 
-def _rand_cpu(g: RNG, n: int, lo: float, hi: float) -> torch.Tensor:
-    return lo + (hi - lo) * as_batch_rng(g).rand(n)
-
-
 def _rand(g: RNG, n: int, lo: float, hi: float, device) -> torch.Tensor:
-    return _rand_cpu(g, n, lo, hi).to(device, non_blocking=True)
+    """n uniforms in [lo, hi) on ``device`` (drawn on the generator's device; a copy only if they differ)."""
+    return (lo + (hi - lo) * as_batch_rng(g).rand(n)).to(device, non_blocking=True)
 
 
 def resized_crops(images: torch.Tensor, size: int, scale: tuple[float, float], g: RNG) -> torch.Tensor:
@@ -77,9 +75,15 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(dim=1, keepdim=True)
 
 
+_CONSTS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def _const(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A CPU constant on ``x``'s device and dtype (asynchronous copy: no sync)."""
-    return c.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    """A module constant on ``x``'s device and dtype, copied there once per (device, dtype)."""
+    key = (id(c), x.device, x.dtype)
+    if key not in _CONSTS:
+        _CONSTS[key] = c.to(device=x.device, dtype=x.dtype)
+    return _CONSTS[key]
 
 
 def _per_image(v: torch.Tensor) -> torch.Tensor:
@@ -116,11 +120,10 @@ def random_grayscale(x: torch.Tensor, g: RNG, p: float = 0.2) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, g: RNG, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
     """Separable Gaussian blur with a per-image sigma, applied with prob ``p`` (reflect padding)."""
     B, C, H, W = x.shape
-    apply_cpu = _rand_cpu(g, B, 0, 1) < p  # decided on the CPU: no device sync for the early exit
+    apply = _rand(g, B, 0, 1, x.device) < p  # blurred for all, kept where drawn: no branch on the draw
     sig = _rand(g, B, sigma[0], sigma[1], x.device) * H / 224  # sigma in 224-px units
-    if p <= 0 or not apply_cpu.any():
+    if p <= 0:
         return x
-    apply = apply_cpu.to(x.device, non_blocking=True)
     radius = max(1, min(int(math.ceil(3 * sigma[1] * H / 224)), H // 2 - 1 if H > 3 else 1))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sig[:, None]) ** 2)

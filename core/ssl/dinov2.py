@@ -7,7 +7,7 @@ teacher centring instead of the EMA centre, plus the KoLeo regulariser on the st
     total:          L_cls + L_mim + ssl.koleo · Σ_crops KoLeo   (the weight is applied here)
 
 The patch teacher is balanced over the masked tokens of both global crops only (as in
-DINOv2), so it needs no patch centre.
+DINOv2; a weight selects them, no shape depends on the masks), so it needs no patch centre.
 """
 from __future__ import annotations
 
@@ -27,18 +27,28 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_out: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
-    """(B, K) teacher logits -> (B, K) soft assignments with equal mass per prototype."""
+def sinkhorn_knopp(teacher_out: torch.Tensor, temp: float, iterations: int = 3,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K) teacher logits -> (B, K) soft assignments with equal mass per prototype.
+
+    ``weight`` (B,) bool: balance over the selected rows only (the others come out 0), as if
+    only they had been passed."""
     q = torch.exp(teacher_out.float() / temp).t()  # (K, B)
-    n = torch.full((), float(q.shape[1]), device=q.device)  # a fill kernel: no host-to-device copy
+    if weight is None:
+        n = torch.full((), float(q.shape[1]), device=q.device)  # a fill kernel: no host-to-device copy
+        safe = lambda t: t  # noqa: E731
+    else:
+        q = torch.where(weight[None], q, 0.0)
+        n = weight.float().sum()
+        safe = lambda t: torch.where(t > 0, t, 1.0)  # noqa: E731  (no selected row: all 0, not NaN)
     _all_reduce(n)
     K = q.shape[0]
-    q /= _all_reduce(q.sum())
+    q /= safe(_all_reduce(q.sum()))
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))
+        q /= safe(_all_reduce(q.sum(dim=1, keepdim=True)))
         q /= K
-        q /= q.sum(dim=0, keepdim=True)
-        q /= n
+        q /= safe(q.sum(dim=0, keepdim=True))
+        q /= safe(n)
     q *= n
     return q.t().to(teacher_out.dtype)
 
@@ -77,7 +87,9 @@ class DINOv2Loss(nn.Module):
         temp = self.teacher_temp(step)
         t_cls = sinkhorn_knopp(teacher_cls.detach(), temp)
         # called even with no masked token: under DDP every rank must join the all-reduces
-        t_patch = sinkhorn_knopp(teacher_patch.detach()[masks], temp)  # (M, K)
+        B2, N, K = teacher_patch.shape
+        t_patch = sinkhorn_knopp(teacher_patch.detach().reshape(B2 * N, K), temp,
+                                 weight=masks.reshape(B2 * N)).view(B2, N, K)  # 0 on unmasked tokens
         koleo = sum(koleo_loss(f) for f in student_cls_features.chunk(2))
         return {
             "cls": cross_crop_loss(student_cls, t_cls, self.student_temp),

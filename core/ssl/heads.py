@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from core.models.blocks import float32_region
+
 
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256):
@@ -36,11 +38,15 @@ class DINOHead(nn.Module):
         """Logits (..., out_dim).  ``freeze_last_layer`` stops gradients into the prototypes
         (DINO cancels them during the first epoch); their grads then stay None, so AdamW
         also skips their weight decay, exactly like DINO's ``p.grad = None``."""
-        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
-        w = self.last_layer.weight  # (out_dim, bottleneck), recomputed from (g, v)
-        if freeze_last_layer:
-            w = w.detach()
-        return F.linear(x, w)
+        x = self.mlp(x)
+        # float32 from here under any autocast: the logits are divided by temperatures of
+        # 0.04-0.1 and softmaxed, where bf16's 8 bits of mantissa would show.
+        with float32_region(x):
+            x = F.normalize(x.float(), dim=-1, eps=1e-6)
+            w = self.last_layer.weight.float()  # (out_dim, bottleneck), recomputed from (g, v)
+            if freeze_last_layer:
+                w = w.detach()
+            return F.linear(x, w)
 
 
 class SSLHeads(nn.Module):

@@ -6,9 +6,9 @@
             averaged over images and over the 2 global crops (unmasked images count as 0)
 
 Separate centres for class and patch outputs, both EMA-updated after the loss (the patch
-centre from all teacher tokens).  Shapes: ``student_patch`` (M, K) — the student's masked
-tokens only, ``masks[masks]`` order (its head never runs on tokens the loss ignores);
-``teacher_patch`` (2·B, N, K); ``masks`` (2·B, N) bool.
+centre from all teacher tokens).  Shapes: ``student_patch`` and ``teacher_patch`` (2·B, N, K)
+— every token, as iBOT's reference: no shape depends on the masks, so nothing waits for the
+device to count them; ``masks`` (2·B, N) bool weighs the tokens.
 """
 from __future__ import annotations
 
@@ -18,18 +18,16 @@ import torch.nn.functional as F
 from core.ssl.dino import DINOLoss, cross_crop_loss, update_center
 
 
-def masked_patch_loss(student_masked: torch.Tensor, teacher_masked: torch.Tensor, masks: torch.Tensor,
+def masked_patch_loss(student_patch: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor,
                       student_temp: float) -> torch.Tensor:
     """Per-image mean CE over masked tokens, averaged over all images of both global crops.
 
-    ``student_masked`` / ``teacher_masked`` (M, K) hold only the masked tokens, in the order
-    of ``masks[masks]`` (row-major); ``masks`` (2B, N).  Unmasked images count as 0.
+    ``student_patch`` logits / ``teacher_probs`` (2B, N, K) for every token; ``masks`` (2B, N)
+    bool selects the ones that count.  Unmasked images count as 0.
     """
-    ce = torch.sum(-teacher_masked * F.log_softmax(student_masked / student_temp, dim=-1), dim=-1)  # (M,)
-    per_image = masks.sum(dim=-1).clamp(min=1).to(ce.dtype)  # (2B,) masked tokens per image
-    # masks may live on the CPU (built there: indexing with them needs no device sync)
-    weight = (1.0 / per_image)[masks.nonzero()[:, 0]].to(ce.device, non_blocking=True)  # (M,)
-    return (ce * weight).sum() / masks.shape[0]
+    ce = torch.sum(-teacher_probs * F.log_softmax(student_patch / student_temp, dim=-1), dim=-1)  # (2B, N)
+    per_image = torch.where(masks, ce, 0.0).sum(dim=-1) / masks.sum(dim=-1).clamp(min=1).to(ce.dtype)  # (2B,)
+    return per_image.sum() / masks.shape[0]
 
 
 class iBOTLoss(DINOLoss):
@@ -51,7 +49,7 @@ class iBOTLoss(DINOLoss):
                 **_) -> dict[str, torch.Tensor]:
         temp = self.teacher_temp(step)
         t_cls = F.softmax((teacher_cls - self.center) / temp, dim=-1).detach()
-        t_patch = F.softmax((teacher_patch - self.patch_center) / temp, dim=-1).detach()[masks]
+        t_patch = F.softmax((teacher_patch - self.patch_center) / temp, dim=-1).detach()
         losses = {
             "cls": cross_crop_loss(student_cls, t_cls, self.student_temp),
             "mim": masked_patch_loss(student_patch, t_patch, masks, self.student_temp),

@@ -102,27 +102,27 @@ class SSLObjective:
     def modules(self) -> dict[str, nn.Module]:
         return {"ssl_heads": self.heads}
 
-    def _rng(self, step: int, stream: int = 0) -> BatchRNG:
-        return BatchRNG(step_generator(self.seed, step, stream), self.rank, self.world_size)
+    def _rng(self, step: int, stream: int = 0, device: torch.device | str = "cpu") -> BatchRNG:
+        """This rank's rows of step ``step``'s draws, from a generator on ``device``."""
+        return BatchRNG(step_generator(self.seed, step, stream, device), self.rank, self.world_size)
 
     def masks(self, batch: int, grid: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """This rank's block masks (batch, grid, grid) of step ``step``, on ``device``."""
-        return block_masks(batch, grid, self._rng(step, _MASK_STREAM), self.cfg.mask_prob,
-                           tuple(self.cfg.mask_ratio), device=device)
+        """This rank's block masks (batch, grid, grid) of step ``step``, drawn on ``device``."""
+        return block_masks(batch, grid, self._rng(step, _MASK_STREAM, device), self.cfg.mask_prob,
+                           tuple(self.cfg.mask_ratio))
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, step: int):
         """λ_ssl·(L_cls + L_mim [+ KoLeo]) for one batch (B, 3, H, W) in [-1, 1].
 
-        Logs are detached tensors (no device sync; the trainer reads them at log steps).
+        Logs are detached tensors.  Crops and masks are drawn on the images' device, and no
+        shape depends on a drawn value (the patch head runs on every token, the loss weighs the
+        masked ones, as iBOT's reference does): nothing here waits for the device.
         """
         B = images.shape[0]
-        globals_, locals_ = self.crops(images, self._rng(step))  # (2B,3,S,S), (L·B,3,s,s)
-        masks = masks_cpu = None
+        globals_, locals_ = self.crops(images, self._rng(step, device=images.device))  # (2B,3,S,S), (L·B,3,s,s)
+        masks = None
         if self.loss_fn.uses_masks:
-            # Built on the CPU; the encoder gets a device copy, token indexing uses the CPU
-            # mask (indexing with a device bool mask would sync to count its True entries).
-            masks_cpu = self.masks(2 * B, globals_.shape[-1] // self.patch_size, step)
-            masks = masks_cpu.to(images.device, non_blocking=True)
+            masks = self.masks(2 * B, globals_.shape[-1] // self.patch_size, step, images.device)  # (2B, T, T)
         freeze_last = step < self.cfg.freeze_last_layer_steps
 
         with torch.no_grad():
@@ -137,19 +137,18 @@ class SSLObjective:
         s_cls_logits = self.heads.forward_cls(torch.cat(s_cls), freeze_last)
         extra = {}
         if self.loss_fn.uses_patches:
-            token_mask = pool_mask(masks_cpu, s_glob.grid)  # (2B, N') on the CPU
             extra = dict(
-                student_patch=self.heads.forward_patch(s_glob.tokens[token_mask], freeze_last),  # (M, K)
+                student_patch=self.heads.forward_patch(s_glob.tokens, freeze_last),  # (2B, N', K)
                 teacher_patch=t_patch,
-                masks=token_mask,
+                masks=pool_mask(masks, s_glob.grid),  # (2B, N')
                 student_cls_features=s_glob.cls,
             )
         parts = self.loss_fn(student_cls=s_cls_logits, teacher_cls=t_cls_logits, step=step, **extra)
         ssl = sum(parts.values())
         logs = {f"ssl_{k}": v.detach() for k, v in parts.items()}
         logs["ssl_teacher_temp"] = self.loss_fn.teacher_temp(step)
-        if masks_cpu is not None:
-            logs["ssl_mask_ratio"] = float(masks_cpu.float().mean())
+        if masks is not None:
+            logs["ssl_mask_ratio"] = masks.float().mean()
         return self.weight * ssl, logs
 
     def after_step(self, model: nn.Module, step: int) -> None:

@@ -72,16 +72,43 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and (when present) CUDA generator states of this process."""
+    """Python, numpy, torch CPU and (when present) CUDA generator states of this process.
+
+    ``cuda`` holds one state per visible device and ``cuda_device`` the index of the device
+    this process computes on (what :func:`set_rng_state` needs when the device count changes).
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.current_device()
     return state
 
 
+def cuda_states_to_restore(state: dict[str, Any], visible: int, current: int) -> dict[int, torch.Tensor]:
+    """``{device index: saved state}`` to restore with ``visible`` devices, computing on ``current``.
+
+    A checkpoint written under torchrun (8 GPUs visible, rank r on ``cuda:r``) must resume under
+    Slurm's binding (one GPU visible, every rank on ``cuda:0``) and back.  Rule: the state of the
+    device the writer computed on (``cuda_device``) goes to the device this process computes on,
+    so each rank's own generator continues exactly; every other visible index gets the saved
+    state of the same index where there is one; saved states beyond ``visible`` are dropped and
+    devices without a saved state keep their seeded state.  (A checkpoint without
+    ``cuda_device``, from before it was recorded, is restored by index only.)
+    """
+    saved = list(state.get("cuda") or [])
+    out = {i: saved[i] for i in range(min(len(saved), visible))}
+    own = state.get("cuda_device")
+    if own is not None and 0 <= own < len(saved) and 0 <= current < visible:
+        out[current] = saved[own]
+    return out
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states (CUDA ones per :func:`cuda_states_to_restore`; no CUDA call without CUDA)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if state.get("cuda") and torch.cuda.is_available():
+        for index, cuda_state in cuda_states_to_restore(state, torch.cuda.device_count(),
+                                                        torch.cuda.current_device()).items():
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)

@@ -8,6 +8,7 @@ update).  Its :meth:`Objective.state_dict` is saved in every checkpoint.
 An objective that needs its own optimizer (a GAN discriminator, which *maximises* what
 the generator minimises) keeps it inside, steps it in ``after_step`` and saves it in its
 ``state_dict``; :meth:`Objective.modules` lists only modules trained by the summed loss.
+Which objectives a run uses is :func:`core.trainer.build.build_objectives`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from core.config import LossConfig, RunConfig
-    from core.trainer.distributed import DistInfo
+    from core.config import LossConfig
 
 
 @runtime_checkable
@@ -81,29 +81,3 @@ class ReconstructionObjective:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def build_objectives(cfg: "RunConfig", model: nn.Module, device: torch.device | str,
-                     dist_info: "DistInfo | None" = None) -> list[Objective]:
-    """The objectives a run's config asks for: reconstruction, plus SSL when ``ssl.method != none``,
-    plus the decoder fine-tuning objective (adversarial) when ``finetune.enabled``.
-
-    ``dist_info`` (data parallelism) gives the objectives with random augmentations this
-    rank's share of the global batch's random numbers; None = one process.
-    """
-    objectives: list[Objective] = [ReconstructionObjective(cfg.loss, device)]
-    rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
-    if cfg.ssl.method != "none" and cfg.loss.ssl > 0:
-        from core.ssl import SSLObjective
-
-        objectives.append(SSLObjective(cfg.ssl, model, weight=cfg.loss.ssl, total_steps=cfg.train.steps,
-                                       seed=cfg.train.seed, rank=rank, world_size=world))
-    if cfg.finetune.enabled:
-        from core.finetune import build_objective as build_adversarial
-
-        # Shares the reconstruction objective (and its LPIPS) for the adaptive GAN weight.
-        objectives.append(build_adversarial(cfg, model, device, reconstruction=objectives[0], dist_info=dist_info))
-    for obj in objectives:
-        if not isinstance(obj, Objective):
-            raise TypeError(f"{type(obj).__name__} does not implement the trainer Objective protocol")
-    return objectives

@@ -34,7 +34,13 @@ def run(args: argparse.Namespace) -> int:
             return _grant_reader(store, args)
         if args.action == "upgrade":
             store.upgrade(args.revision or "head")
-            print(f"{store.url}: at revision {store.current_revision()} (head {store.head_revision()})")
+            adopted = 0
+            if store.current_revision() == store.head_revision():  # identities of runs recorded before 0005
+                from orchestrator.adopt import adopt
+
+                adopted = adopt(store)
+            print(f"{store.url}: at revision {store.current_revision()} (head {store.head_revision()})"
+                  + (f"; {adopted} run(s) adopted with stage identities" if adopted else ""))
         elif args.action == "current":
             current, head = store.current_revision(), store.head_revision()
             store.check_not_newer(current)

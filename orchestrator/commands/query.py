@@ -1,9 +1,12 @@
 """`orchestrate query [SQL] [--sweep S] [--metrics a,b] [--wide] [--format table|csv|json|parquet]`.
 
+``--predictions``: recorded predictions against what was measured.
 Without SQL: one row per run (see ``orchestrator.query.runs_table``), compact by default:
 run id, sweep, status, the config keys that vary, the metrics, and a ``<metric>_backbone``
 column only where it is non-null and not constant (a constant backbone is printed once above
 the table; csv/json/parquet keep it as a column so the file says what produced each number).
+The terminal table shows the :data:`HEADLINE` metrics (the rest: ``--metrics a,b`` or
+``--wide``) and a config value that is unset (a vanilla run's ``model.split_depth``) as ``—``.
 ``--wide`` (or ``--columns all``) shows every column.  With SQL: one read-only statement,
 enforced by the database (``orchestrator.db.readonly``).  Never writes.
 """
@@ -21,18 +24,24 @@ if TYPE_CHECKING:  # pandas is imported when a query runs, not when the CLI pars
     import pandas as pd
 
 NAME = "query"
+HEADLINE = ("rfid", "gfid", "psnr", "lpips", "structure_loss", "gflops_total")  # the default table's metrics
+UNSET = "—"  # an unset config value in the table (None: e.g. split_depth of a vanilla run = encoder depth)
 HELP = "print results as a table / CSV / JSON / parquet: one row per run, or a read-only SQL statement"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sql", nargs="?", default=None, help="a read-only SQL statement (SELECT/WITH)")
     p.add_argument("--sweep", default=None, help="only this sweep's runs")
-    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
+    p.add_argument("--metrics", default=None,
+                   help=f"comma-separated metric names (default: all; in a table: {', '.join(HEADLINE)})")
     p.add_argument("--status", default=None, help="only runs in this state")
     p.add_argument("--columns", default=None,
                    help="comma-separated columns to keep (default: run_hash, sweep, status, the config keys "
                         "that vary, the metrics); 'all' keeps every config key")
     p.add_argument("--wide", action="store_true", help="every config key and every *_backbone column")
+    p.add_argument("--predictions", action="store_true",
+                   help="recorded predictions (orchestrate predict) beside the measured mean of their targets: "
+                        "error, covered, and the coverage rate")
     p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     p.add_argument("--out", default=None, help="write to this file instead of stdout (needed for parquet on a terminal)")
     p.add_argument("--timeout", type=float, default=None,
@@ -112,17 +121,52 @@ def emit(df: pd.DataFrame, fmt: str, out: str | None = None, constants: dict[str
             from tabulate import tabulate
 
             for k, v in (constants or {}).items():
-                stream.write(f"{k}: {v} (every run with {k[: -len('_backbone')]})\n")
-            stream.write(tabulate(df, headers="keys", tablefmt="simple", showindex=False, missingval="") + "\n")
+                stream.write(f"{k}: {v} (every run)\n" if k == "sweep" else
+                             f"{k}: {v} (every run with {k[: -len('_backbone')]})\n")
+            stream.write(tabulate(for_terminal(df), headers="keys", tablefmt="simple", showindex=False,
+                                  missingval="") + "\n")
     finally:
         if out is not None:
             stream.close()
+
+
+def for_terminal(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as printed: config columns (dotted names) show an unset value as :data:`UNSET`,
+    not ``nan``, and are headed by their last name part where that is unambiguous."""
+    df = df.copy()
+    for c in (c for c in df.columns if "." in c and df[c].isna().any()):
+        df[c] = [UNSET if _missing(v) else int(v) if isinstance(v, float) and v.is_integer() else v for v in df[c]]
+    leaves = [c.rsplit(".", 1)[-1] for c in df.columns]
+    return df.rename(columns={c: leaf for c, leaf in zip(df.columns, leaves)
+                              if "." in c and leaves.count(leaf) == 1 and leaf not in df.columns})
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def _predictions(args: argparse.Namespace) -> int:
+    """``--predictions``: the prediction ladder (``orchestrate predict --ladder``, every sweep or ``--sweep``)."""
+    from orchestrator.commands.predict import coverage_line, ladder_table
+
+    if args.sql is not None or args.metrics or args.status or args.columns or args.wide:
+        raise UsageError("--predictions takes only --sweep, --format and --out")
+    store = open_existing(args, readonly=True)
+    try:
+        table = ladder_table(store, args.sweep)
+    finally:
+        store.dispose()
+    emit(table, args.format, args.out, {})
+    print(coverage_line(table), file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.query import DEFAULT_TIMEOUT_S, read_only_sql, runs_table
 
     constants: dict[str, str] = {}
+    if args.predictions:
+        return _predictions(args)
     if args.sql is not None:
         if args.sweep or args.metrics or args.status or args.columns or args.wide:
             raise UsageError("--sweep/--metrics/--status/--columns/--wide apply only without SQL")
@@ -138,7 +182,11 @@ def run(args: argparse.Namespace) -> int:
         store = open_existing(args, readonly=True)
         try:
             metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-            df = runs_table(store, sweep=args.sweep, metrics=metrics, status=args.status)
+            headline = metrics is None and args.format == "table" and not (args.wide or args.columns)
+            df = runs_table(store, sweep=args.sweep, metrics=HEADLINE if headline else metrics, status=args.status)
+            if headline:  # a headline metric no run has yet is no column
+                empty = [m for m in HEADLINE if m in df.columns and df[m].isna().all()]
+                df = df.drop(columns=[c for m in empty for c in (m, f"{m}_backbone") if c in df.columns])
         finally:
             store.dispose()
         if args.columns == "all" or args.wide:
@@ -151,5 +199,7 @@ def run(args: argparse.Namespace) -> int:
             df = df[cols]
         else:
             df, constants = compact(df, keep_constant_backbones=args.format != "table")
+            if args.format == "table" and len(df) > 1 and df["sweep"].nunique() == 1:  # said once, above
+                constants, df = {"sweep": df["sweep"].iloc[0], **constants}, df.drop(columns=["sweep"])
     emit(df, args.format, args.out, constants)
     return 0

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections import Counter
 
@@ -26,7 +25,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _refresh_hook():
-    return importlib.import_module("orchestrator.reconcile").refresh_states
+    from orchestrator.reconcile import refresh_states  # lazy: `status --no-refresh` needs no Slurm code
+
+    return refresh_states
+
+
+def _runs(store, sweep: str | None) -> list:
+    """Runs with their stages as plain rows (two Core queries: loading 1,000 runs and 2,000 stages
+    as ORM objects cost 4x more), oldest first."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import select
+
+    from orchestrator.db.models import Run, RunStage, Sweep
+
+    q = (select(Run.id, Run.run_hash, Sweep.name, Run.status, Run.slurm_job_id, Run.host, Run.error_tail)
+         .join(Sweep, Sweep.id == Run.sweep_id).order_by(Run.id))
+    sq = select(RunStage.run_id, RunStage.id, RunStage.stage, RunStage.status, RunStage.attempt, RunStage.source_id)
+    if sweep is not None:
+        q = q.where(Sweep.name == sweep)
+        sq = sq.join(Run, Run.id == RunStage.run_id).join(Sweep, Sweep.id == Run.sweep_id).where(Sweep.name == sweep)
+    with store.session() as s:
+        runs = {r.id: SimpleNamespace(run_hash=r.run_hash, sweep=SimpleNamespace(name=r.name), status=r.status,
+                                      slurm_job_id=r.slurm_job_id, host=r.host, error_tail=r.error_tail, stages=[])
+                for r in s.execute(q)}
+        for st in s.execute(sq):
+            if st.run_id in runs:
+                runs[st.run_id].stages.append(st)
+    return list(runs.values())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         if args.sweep is not None and args.sweep not in names:
             raise UsageError(f"no sweep named '{args.sweep}' in {store.url} (known: {names})")
         refresh, failed = None if args.no_refresh else _refresh_hook(), False
+        if refresh is not None:
+            from orchestrator.cost import record_actual
         if args.watch:
             from orchestrator.watch import watch_status
 
@@ -46,21 +74,25 @@ def run(args: argparse.Namespace) -> int:
             for name in [args.sweep] if args.sweep else names:
                 try:
                     refresh(store, name)
-                    importlib.import_module("orchestrator.cost").record_actual(store, name)  # sacct hours
+                    record_actual(store, name)  # sacct hours
                 except Exception as e:  # show what the database knows anyway
                     print(f"orchestrate status: refreshing sweep {name} failed: {e!r}", file=sys.stderr)
                     failed = True
-        runs = store.runs(sweep=args.sweep)
+        runs = _runs(store, args.sweep)
     finally:
         store.dispose()
 
     counts = Counter(r.status for r in runs)
     title = f"sweep {args.sweep}" if args.sweep else f"{len(names)} sweep(s)"
-    print(f"{title}: {len(runs)} run(s): " + (", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "none"))
+    shared = sum(st.source_id is not None for r in runs for st in r.stages)
+    print(f"{title}: {len(runs)} run(s): " + (", ".join(f"{s} {n}" for s, n in sorted(counts.items())) or "none")
+          + (f"; {shared} stage(s) reused from other runs" if shared else ""))
     shown = runs if args.limit <= 0 else runs[: args.limit]
     rows = []
     for r in shown:
-        stages = " ".join(f"{st.stage}:{st.status}" + (f"#{st.attempt}" if st.attempt and st.attempt > 1 else "")
+        # a stage reused from another run is that run's result: shown once there, named here
+        stages = " ".join(f"{st.stage}:" + ("reused" if st.source_id is not None else st.status
+                                            + (f"#{st.attempt}" if st.attempt and st.attempt > 1 else ""))
                           for st in sorted(r.stages, key=lambda x: x.id))
         err = (r.error_tail or "").strip().splitlines()
         rows.append([r.run_hash, r.sweep.name, r.status, stages, r.slurm_job_id or "", r.host or "",

@@ -41,12 +41,15 @@ def existing_store(url: str):
     return store if store.current_revision() is not None else None
 
 
-def print_result(result, as_json: bool, dry_run: bool, sweep=None) -> None:
+def print_result(result, as_json: bool, dry_run: bool, sweep=None, url: str | None = None) -> None:
     from orchestrator import cost
 
-    costs = cost.estimate(result.plan, sweep.spec) if dry_run and sweep is not None else None
+    # measured FLOP rates from the database's finished runs, when it exists (a dry run creates none)
+    costs = (cost.estimate(result.plan, sweep.spec, existing_store(url) if url else None)
+             if dry_run and sweep is not None else None)
     if as_json:
-        print(json.dumps({**result.to_dict(), **({"cost": cost.to_dict(costs)} if costs is not None else {})},
+        print(json.dumps({**result.to_dict(), **({"cost": cost.to_dict(costs, sweep.spec.cost.gpu_peak_tflops)}
+                                                 if costs is not None else {})},
                          indent=1, default=str))
         return
     print(result.plan.describe())
@@ -111,5 +114,5 @@ def submit_and_report(submit, args: argparse.Namespace, sweep=None) -> int:
     except TimeoutError as e:
         print(f"orchestrate: {e}; the jobs keep running (`orchestrate status`)", file=sys.stderr)
         return 1
-    print_result(result, args.json, args.dry_run, sweep)
+    print_result(result, args.json, args.dry_run, sweep, db_url(args))
     return 1 if any(st == "failed" for st in result.states.values()) else 0

@@ -2,7 +2,8 @@
 the alembic scripts in ``migrations/versions`` bring an older database to it.
 
 sweeps 1─* runs 1─* {run_stages, params, metrics, artifacts};  ingested_files records every
-loaded result file (idempotent ingestion).
+loaded result file (idempotent ingestion);  predictions holds recorded scaling-law predictions
+(append-only, written by ``orchestrate predict``).
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    run_hash: Mapped[str] = mapped_column(String(64), unique=True)  # core.config.config_hash
+    run_hash: Mapped[str] = mapped_column(String(64), unique=True)  # directory name; = run_key for new runs
+    # orchestrator.identity.run_key: hash of the non-default config (revision 0005); a run
+    # written before 0005 keeps its run_hash (its directory) and is found by this key.
+    run_key: Mapped[str | None] = mapped_column(String(64), index=True)
     sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved RunConfig
     # Flattened keys where config differs from sweep.base_config (revision 0003).
@@ -92,6 +96,15 @@ class RunStage(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_tail: Mapped[str | None] = mapped_column(Text)
+    # Stage identity (revision 0005, orchestrator.identity): the result lives in ``dir``; a
+    # stage reused from another run points at that run's row (``source_id``) and mirrors its
+    # state.  ``inputs``: what the identity was computed from (the plan's re-run reasons);
+    # ``length``: the generator's steps / eval points (excluded from its identity).
+    identity: Mapped[str | None] = mapped_column(String(64), index=True)
+    source_id: Mapped[int | None] = mapped_column(ForeignKey("run_stages.id", ondelete="SET NULL"), index=True)
+    dir: Mapped[str | None] = mapped_column(Text)
+    inputs: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    length: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
     run: Mapped[Run] = relationship(back_populates="stages")
 
@@ -185,3 +198,29 @@ class IngestedFile(Base):
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (UniqueConstraint("run_hash", "stage", "attempt", name="uq_ingested_attempt"),)
+
+
+class Prediction(Base):
+    """One recorded prediction of a metric for one configuration (revision 0004).  Rows are
+    never updated: a new fit is a new ``batch``."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    batch: Mapped[str] = mapped_column(String(64))  # one uuid hex per `orchestrate predict`
+    sweep: Mapped[str | None] = mapped_column(String(200))  # the sweep whose configurations are predicted
+    target: Mapped[str] = mapped_column(Text)  # canonical JSON of the grid values, seed excluded
+    metric: Mapped[str] = mapped_column(String(200))
+    protocol: Mapped[str] = mapped_column(Text)  # canonical JSON of the evaluation protocol
+    law: Mapped[str] = mapped_column(Text)
+    params: Mapped[Any] = mapped_column(JSON, nullable=False)
+    fit_on: Mapped[str | None] = mapped_column(Text)
+    fit_runs: Mapped[Any] = mapped_column(JSON, nullable=False)
+    value: Mapped[float] = mapped_column(Float)
+    lower: Mapped[float] = mapped_column(Float)
+    upper: Mapped[float] = mapped_column(Float)
+    level: Mapped[float] = mapped_column(Float)
+    code_version: Mapped[str] = mapped_column(String(200))
+
+    __table_args__ = (Index("ix_predictions_sweep_metric", "sweep", "metric"),)

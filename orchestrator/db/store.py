@@ -7,18 +7,22 @@ API (used by ingest, submission and analysis)::
     store.upgrade()                              # create / migrate; only the orchestrator calls it
     with store.session() as s: ...               # commit on success, rollback on error
     store.get_or_create_sweep(name, spec_yaml=None, git_commit=None) -> int (sweep id)
-    store.upsert_run(run_hash, sweep, config, params, executor=None, stages=()) -> int (run id)
+    store.record_plan(sweep, spec_yaml, runs, executor, stages, steps) -> {run_hash: run id}   (batched)
+    store.set_states({(run_hash, stage): {"status": ..., ...}}, only_if=None) -> pairs written   (batched)
+    store.upsert_run(run_hash, sweep, config, params, executor=None, stages=()) -> int   (one-item calls)
     store.set_stage_state(run_hash, stage, status, attempt=None, slurm_job_id=None,
                           error_tail=None, slurm_array_id=None) -> None
+    store.add_predictions(rows) -> int                  (append-only; one transaction)
     store.runs(sweep=None, status=None, with_config=False) -> list[Run]   (detached ORM rows)
     store.finished_run_hashes(sweep=None) -> set[str]
     store.sweep_names() -> list[str]
     store.current_revision() / head_revision() / check_schema() / stamp(revision)
 
-The three writers take ``session=`` to join a caller's transaction (one commit for many calls).
-A run's ``status`` is derived from its stages (:func:`run_status`): register every stage
-of a run at submission (``upsert_run(..., stages=[...])`` creates them ``pending``) so
-that a run is ``finished`` only when all its stages are.
+Every write goes through these methods (statements in :mod:`orchestrator.db.writes`; ingest
+loads files inside a Store transaction with the same status derivation); each takes
+``session=`` to join a caller's transaction.  A run's ``status`` is derived from its stages in
+one function (:func:`orchestrator.db.writes.run_status`): register every stage of a run at
+submission so that a run is ``finished`` only when all its stages are.
 
 Migrations never run implicitly: :meth:`check_schema` (called by :meth:`session` unless
 ``check=False``) raises :class:`SchemaError` telling the user to run ``orchestrate db upgrade``.
@@ -31,58 +35,27 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
-from urllib.parse import quote
 
-from sqlalchemy import create_engine, delete, event, inspect, select, text, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import create_engine, event, inspect, select, text
 from sqlalchemy.exc import DatabaseError
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, defer, selectinload, sessionmaker
 
-from orchestrator.db import fastjson
-from orchestrator.db.configs import config_delta, flatten
-from orchestrator.db.models import STATUSES, VERSION_TABLE, Param, Run, RunStage, Sweep, param_columns, utcnow
+from orchestrator.db import writes
+from orchestrator.db.engine import (JSON_CODEC, NETWORK_FS, _read_only_transaction, _sqlite_engine,  # noqa: F401
+                                    is_network_fs, sqlite_path, with_driver)
+from orchestrator.db.models import VERSION_TABLE, Prediction, Run, RunStage, Sweep, utcnow
+from orchestrator.db.writes import run_status, sweep_bases, sweep_id  # noqa: F401 (API)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-# File systems where SQLite's WAL (shared-memory index, one host) and even its locks are unsafe.
-NETWORK_FS = ("nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "9p", "lustre", "gpfs", "ceph", "afs", "beegfs")
 
 
-JSON_CODEC = {"json_serializer": fastjson.dumps, "json_deserializer": fastjson.loads}
+
 
 
 class SchemaError(RuntimeError):
     """The database is missing, not a results database, or at another schema revision than
     this code (the CLI reports it with exit code 2)."""
-
-
-def _fs_type(directory: Path, mounts_file: Path = Path("/proc/mounts")) -> str:
-    """Filesystem type of ``directory`` from /proc/mounts (longest matching mount point)."""
-    try:
-        mounts = mounts_file.read_text().splitlines()
-    except OSError:
-        return "unknown"
-    target, best, fstype = str(directory.resolve()), -1, "unknown"
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mnt = parts[1].replace("\\040", " ")
-        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best:
-            best, fstype = len(mnt), parts[2]
-    return fstype
-
-
-def is_network_fs(directory: Path, mounts_file: Path = Path("/proc/mounts")) -> bool:
-    fstype = _fs_type(directory, mounts_file)
-    return fstype.startswith("fuse") or fstype in NETWORK_FS
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a SQLite URL (None for other backends or in-memory)."""
-    u = make_url(url)
-    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
-        return None
-    return Path(u.database)
 
 
 @functools.cache
@@ -113,75 +86,6 @@ def head_revision() -> str:
     if len(heads) != 1:
         raise RuntimeError(f"migrations in {MIGRATIONS} have {len(heads)} heads: {sorted(heads)}")
     return heads.pop()
-
-
-@functools.cache
-def _has_psycopg3() -> bool:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def with_driver(url: str) -> str:
-    """``postgresql://`` with the driver installed: SQLAlchemy 2.1 defaults to psycopg 3, the
-    project ships psycopg2."""
-    u = make_url(url)
-    if u.drivername == "postgresql" and not _has_psycopg3():
-        return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-    return url
-
-
-def run_status(stage_statuses: Sequence[str]) -> str:
-    """A run's status from its stages': a failure anywhere wins, then anything still active,
-    and only all-finished is finished."""
-    if not stage_statuses:
-        return "pending"
-    for s in ("failed", "cancelled", "preempted", "running", "queued", "pending"):
-        if s in stage_statuses:
-            return s
-    return "finished"
-
-
-def _sqlite_engine(url: str, readonly: bool) -> Engine:
-    path = sqlite_path(url)
-    wal = path is not None and not is_network_fs(path.parent if str(path.parent) else Path("."))
-    if readonly:
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"database file {path} does not exist ({url})")
-        # mode=ro: SQLite itself refuses writes; the file stays byte-identical.
-        uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-        engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(
-            uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False), **JSON_CODEC)
-    else:
-        # isolation_level=None hands transaction control to us so that every write
-        # transaction can start with BEGIN IMMEDIATE (take the write lock up front; a deferred
-        # read->write upgrade can fail with "database is locked" regardless of busy_timeout).
-        engine = create_engine(url, connect_args={"timeout": 30, "isolation_level": None}, **JSON_CODEC)
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
-        if readonly:
-            cur.execute("PRAGMA query_only=ON")
-        elif path is not None:
-            cur.execute(f"PRAGMA journal_mode={'WAL' if wal else 'DELETE'}")
-            cur.execute("PRAGMA synchronous=NORMAL" if wal else "PRAGMA synchronous=FULL")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn):
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
-
-    return engine
-
-
-def _read_only_transaction(conn) -> None:
-    # First statement of every transaction (the driver has opened it implicitly).
-    conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 class Store:
@@ -302,79 +206,65 @@ class Store:
             s.close()
 
     # ------------------------------------------------------------------ writes
+    # Every write of the orchestrator goes through these methods (statements: orchestrator.db.writes);
+    # each takes ``session=`` to join a caller's transaction.
+
+    def _write(self, fn, *args, session: Session | None = None, **kwargs):
+        if session is None:
+            with self.session() as s:
+                return fn(s, *args, **kwargs)
+        return fn(session, *args, **kwargs)
 
     def get_or_create_sweep(self, name: str, spec_yaml: str | None = None, git_commit: str | None = None,
                             session: Session | None = None) -> int:
         """Id of sweep ``name``, creating it (with its spec and commit) if missing.
         A given ``spec_yaml`` / ``git_commit`` replaces the stored one (re-submission)."""
-        if session is None:
-            with self.session() as s:
-                return sweep_id(s, name, spec_yaml, git_commit)
-        return sweep_id(session, name, spec_yaml, git_commit)
+        return self._write(writes.sweep_id, name, spec_yaml, git_commit, session=session)
+
+    def record_plan(self, sweep: str, spec_yaml: str | None, runs: Mapping[str, tuple[dict, dict]],
+                    executor: str | None, stages: Sequence[str], steps: Mapping[str, Mapping] | None = None,
+                    session: Session | None = None) -> dict[str, int]:
+        """Create/update ``runs`` (run_hash -> (config dict, params)) in ``sweep`` with ``stages``
+        pending, and each stage's identity / directory / source from the plan's ``steps``
+        (``orchestrator.decide.Step``).  Returns run_hash -> run id."""
+        return self._write(writes.record_plan, sweep, spec_yaml, runs, executor, list(stages), steps or {},
+                           session=session)
+
+    def set_states(self, states: Mapping[tuple[str, str], Mapping[str, Any]], only_if: tuple[str, ...] | None = None,
+                   session: Session | None = None) -> list[tuple[str, str]]:
+        """Stage states ``{(run_hash, stage): {"status", "attempt"?, "slurm_job_id"?, "error_tail"?,
+        "slurm_array_id"?}}`` (see :func:`orchestrator.db.writes.set_states`); returns the pairs written."""
+        return self._write(writes.set_states, states, only_if, session=session)
 
     def upsert_run(self, run_hash: str, sweep: str, config: Mapping[str, Any],
                    params: Mapping[str, Any] | None = None, executor: str | None = None,
                    stages: Sequence[str] = (), session: Session | None = None) -> int:
-        """Create run ``run_hash`` in ``sweep`` (created if missing) or update its executor and
-        params; ``stages`` are registered ``pending`` if not known yet.  Returns the run id."""
-        if session is None:
-            with self.session() as s:
-                return self.upsert_run(run_hash, sweep, config, params, executor, stages, session=s)
-        run = session.scalars(select(Run).where(Run.run_hash == run_hash)).one_or_none()
-        if run is None:
-            sid = sweep_id(session, sweep)
-            flat = flatten(config)
-            base = sweep_bases(session.connection(), {sid: flat})[sid]
-            run = Run(run_hash=run_hash, sweep_id=sid, config=dict(config), config_delta=config_delta(flat, base),
-                      status="pending", executor=executor, attempts=0, created_at=utcnow())
-            session.add(run)
-            session.flush()
-        elif executor is not None:
-            run.executor = executor
-        if params:
-            session.execute(delete(Param).where(Param.run_id == run.id, Param.key.in_(list(params))))
-            session.add_all(Param(run_id=run.id, key=k, **param_columns(v)) for k, v in params.items())
-        known = set(session.scalars(select(RunStage.stage).where(RunStage.run_id == run.id)))
-        session.add_all(RunStage(run_id=run.id, stage=st, status="pending") for st in stages if st not in known)
-        session.flush()
-        refresh_run_status(session, run.id)
-        return run.id
+        """One run of :meth:`record_plan`: create it in ``sweep`` or update its executor and params;
+        ``stages`` are registered ``pending`` if not known yet.  Returns the run id."""
+        ids = self.record_plan(sweep, None, {run_hash: (dict(config), dict(params or {}))}, executor, stages,
+                               session=session)
+        return ids[run_hash]
 
     def set_stage_state(self, run_hash: str, stage: str, status: str, attempt: int | None = None,
                         slurm_job_id: str | None = None, error_tail: str | None = None,
                         slurm_array_id: str | None = None, session: Session | None = None) -> None:
-        """Record the state of one stage (submitter / Slurm refresh) and re-derive the run's status."""
-        if status not in STATUSES:
-            raise ValueError(f"stage status {status!r} not in {STATUSES}")
+        """One stage of :meth:`set_states` (KeyError for a run or stage not in the database)."""
+        given = {"attempt": attempt, "slurm_job_id": slurm_job_id, "error_tail": error_tail,
+                 "slurm_array_id": slurm_array_id}
+        fields = {"status": status, **{k: v for k, v in given.items() if v is not None}}
+        if not self.set_states({(run_hash, stage): fields}, session=session):
+            raise KeyError(f"run {run_hash} stage {stage} is not in the database (upsert_run it first)")
+
+    def add_predictions(self, rows: Sequence[Mapping[str, Any]], session: Session | None = None) -> int:
+        """Append recorded predictions (dicts with the columns of :class:`Prediction`, ``id``
+        and ``created_at`` optional) in one transaction; returns how many were written."""
         if session is None:
             with self.session() as s:
-                return self.set_stage_state(run_hash, stage, status, attempt, slurm_job_id, error_tail,
-                                            slurm_array_id, session=s)
-        run = session.scalars(select(Run).where(Run.run_hash == run_hash)).one_or_none()
-        if run is None:
-            raise KeyError(f"run {run_hash} is not in the database (upsert_run it first)")
-        st = session.scalars(select(RunStage).where(RunStage.run_id == run.id, RunStage.stage == stage)
-                             ).one_or_none()
-        if st is None:
-            st = RunStage(run_id=run.id, stage=stage)
-            session.add(st)
-        st.status = status
+                return self.add_predictions(rows, session=s)
         now = utcnow()
-        if attempt is not None:
-            st.attempt = attempt
-            run.attempts = max(run.attempts or 0, attempt)
-        if slurm_job_id is not None:
-            st.slurm_job_id = run.slurm_job_id = str(slurm_job_id)
-        if slurm_array_id is not None:
-            run.slurm_array_id = str(slurm_array_id)
-        if error_tail is not None:
-            st.error_tail = run.error_tail = error_tail
-        if status == "running" and st.started_at is None:
-            st.started_at = now
-            run.started_at = run.started_at or now
-        run.stage = stage
+        session.add_all(Prediction(**{"created_at": now, **row}) for row in rows)
         session.flush()
-        refresh_run_status(session, run.id)
+        return len(rows)
 
     # ------------------------------------------------------------------ reads
 
@@ -383,7 +273,8 @@ class Store:
         """Runs (detached ORM rows with ``stages`` and ``sweep`` loaded), oldest first, optionally
         filtered.  ``config`` is loaded only with ``with_config=True`` (decoding 10k configs costs
         seconds); reading it otherwise raises."""
-        opts = [selectinload(Run.stages), selectinload(Run.sweep)]
+        # stage inputs (identity JSON) are the plan's business: not decoded for 2,000 stages here
+        opts = [selectinload(Run.stages).defer(RunStage.inputs, raiseload=True), selectinload(Run.sweep)]
         if not with_config:
             opts.append(defer(Run.config, raiseload=True))
         q = select(Run).options(*opts).order_by(Run.id)
@@ -404,35 +295,3 @@ class Store:
     def sweep_names(self) -> list[str]:
         with self.session() as s:
             return list(s.scalars(select(Sweep.name).order_by(Sweep.id)))
-
-
-def sweep_id(session: Session, name: str, spec_yaml: str | None = None, git_commit: str | None = None) -> int:
-    """Id of sweep ``name`` in ``session``'s transaction, creating it if missing."""
-    sweep = session.scalars(select(Sweep).where(Sweep.name == name)).one_or_none()
-    if sweep is None:
-        sweep = Sweep(name=name, spec_yaml=spec_yaml, git_commit=git_commit, created_at=utcnow())
-        session.add(sweep)
-    else:
-        sweep.spec_yaml = spec_yaml if spec_yaml is not None else sweep.spec_yaml
-        sweep.git_commit = git_commit if git_commit is not None else sweep.git_commit
-    session.flush()
-    return sweep.id
-
-
-def sweep_bases(conn, candidates: Mapping[int, dict]) -> dict[int, dict]:
-    """Base configs of sweeps ``candidates`` (sweep id -> flat config of a new run), setting
-    each missing base from its candidate.  The conditional UPDATE makes the first writer win
-    when two ingesters race (the loser re-reads the winner's base)."""
-    for sid, flat in candidates.items():
-        conn.execute(update(Sweep).where(Sweep.id == sid, Sweep.base_config.is_(None)).values(base_config=flat))
-    rows = conn.execute(select(Sweep.id, Sweep.base_config).where(Sweep.id.in_(list(candidates))))
-    return {sid: base for sid, base in rows}
-
-
-def refresh_run_status(session: Session, run_id: int) -> str:
-    """Re-derive ``runs.status`` from the run's stages (see :func:`run_status`)."""
-    statuses = list(session.scalars(select(RunStage.status).where(RunStage.run_id == run_id)))
-    status = run_status(statuses)
-    run = session.get(Run, run_id)
-    run.status = status
-    return status

@@ -7,13 +7,17 @@ executor only knows *how*:
 
 * :meth:`Executor.submit` hands every array over, calling ``on_queued(array, ids)`` right
   after each array is accepted (so a crash between two arrays loses nothing: what is marked
-  queued was really handed over, what is not will be submitted again);
-* :meth:`Executor.states` / :meth:`Executor.cancel` for queueing backends (Slurm);
+  queued was really handed over, what is not will be submitted again), and raises
+  :class:`~orchestrator.executors.SubmissionRefused` when the backend refuses one;
 * ``blocking`` executors (``local``, ``debug``) run the whole plan inside :meth:`submit`
-  and return every task's final state.
+  and return every task's final state;
+* :meth:`Executor.max_array_size` bounds the arrays the plan is chunked into.
 
-To add a backend (another scheduler, a cloud batch service): subclass :class:`Executor`,
-implement the three methods, register it in :data:`orchestrator.executors.EXECUTORS`.
+To add a backend (another scheduler, a cloud batch service): one module here with a subclass
+of :class:`Executor` implementing ``submit``, and one line in
+:data:`orchestrator.executors.EXECUTORS`.  A queueing backend's job states and cancellation
+are read by :mod:`orchestrator.reconcile` through :mod:`orchestrator.slurm` today: a second
+queueing backend adds its lookups there (docs/ARCHITECTURE.md, "Executors").
 """
 from __future__ import annotations
 
@@ -26,22 +30,6 @@ from orchestrator.sweep import Sweep
 # arrays must wait for (a crash or a refused sbatch left the children unsubmitted)
 External = dict[tuple[str, str], str]
 OnQueued = Callable[[ArrayPlan, dict[str, str]], None]  # (array, run_hash -> job id)
-
-
-class SubmissionRefused(RuntimeError):
-    """The backend refused an array (bad partition, gres, account, QOS, time limit ...).
-
-    ``stage`` and ``option`` name what the user must change in the sweep file; the message
-    is one line.  Arrays handed over before it stay queued.  ``option`` None: the scheduler
-    was only busy (``transient``); the same submission can simply be repeated.
-    """
-
-    def __init__(self, stage: str, option: str | None, detail: str):
-        self.stage, self.option, self.detail = stage, option, detail
-        self.transient = option is None
-        super().__init__(f"stage '{stage}': the scheduler is temporarily unable to accept jobs: {detail}"
-                         if self.transient else
-                         f"stage '{stage}': the scheduler refused resources option '{option}': {detail}")
 
 
 class Executor:
@@ -71,10 +59,3 @@ class Executor:
         ``(run_hash, stage) -> job id`` (queueing) or final state (blocking executors).
         """
         raise NotImplementedError
-
-    def states(self, job_ids: list[str]) -> dict[str, dict]:
-        """``job_id -> {"state": BACKEND_STATE, "end": ...}`` for the ids the backend knows."""
-        return {}
-
-    def cancel(self, job_ids: list[str]) -> None:
-        """Cancel queued/running jobs; raise when the backend refuses."""

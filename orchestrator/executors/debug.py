@@ -19,17 +19,24 @@ class DebugExecutor(Executor):
         for arr in plan.arrays:
             on_queued(arr, {})
         states: dict[tuple[str, str], str] = {}
-        os.environ["ORCHESTRATE_EXECUTOR"] = "debug"
-        for stage in sweep.stage_order:
-            for h in plan.runs:
-                if stage not in plan.todo[h]:
-                    continue
-                if ready(plan, h, stage, states) != "run":
-                    states[(h, stage)] = "cancelled"
-                    continue
-                try:
-                    run_stage(stage, sweep.runs_root / h)
-                    states[(h, stage)] = "finished"
-                except Exception:
-                    states[(h, stage)] = "failed"
+        previous = os.environ.get("ORCHESTRATE_EXECUTOR")
+        os.environ["ORCHESTRATE_EXECUTOR"] = "debug"  # for these tasks only: this process lives on
+        try:
+            for stage in sweep.stage_order:
+                for h in plan.runs:
+                    if stage not in plan.todo[h]:
+                        continue
+                    if ready(plan, h, stage, states) != "run":
+                        states[(h, stage)] = "cancelled"
+                        continue
+                    try:
+                        run_stage(stage, sweep.runs_root / h)
+                        states[(h, stage)] = "finished"
+                    except Exception:
+                        states[(h, stage)] = "failed"
+        finally:
+            if previous is None:
+                os.environ.pop("ORCHESTRATE_EXECUTOR", None)
+            else:
+                os.environ["ORCHESTRATE_EXECUTOR"] = previous
         return states

@@ -3,27 +3,20 @@
 Every job is named ``{sweep}.{stage}.{submission}-{array index}``: the name is decided and
 recorded (:mod:`orchestrator.reconcile`) before its sbatch, so a submission killed between
 sbatch returning and the database write is found again by name, never submitted twice.
-An sbatch refusal becomes :class:`~orchestrator.executors.base.SubmissionRefused` naming
+An sbatch refusal becomes :class:`~orchestrator.executors.SubmissionRefused` naming
 the stage and the option (one line, no submitit traceback).
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import os
-import sys
-import time
 
 from orchestrator import slurm
-from orchestrator.executors.base import Executor, External, OnQueued, SubmissionRefused
+from orchestrator.executors import SubmissionRefused
+from orchestrator.executors.base import Executor, External, OnQueued
 from orchestrator.plan import ArrayPlan, Plan
 from orchestrator.stages import DISTRIBUTED_STAGES, StageTask
 from orchestrator.sweep import Resources, Sweep
-
-# Test hook: "before_sbatch:N" / "after_sbatch:N" stops (sleeps) around array N's sbatch,
-# printing a line first, so tests can SIGKILL the orchestrator exactly there.
-PAUSE_ENV = "ORCHESTRATE_TEST_PAUSE"
-
 
 def job_name(sweep: str, stage: str, submission: str, index: int) -> str:
     return f"{sweep}.{stage}.{submission}-{index}"
@@ -35,12 +28,19 @@ def element_ids(base: str, n: int) -> list[str]:
 
 
 def sbatch_params(sweep: Sweep, stage: str, res: Resources, dependency: str | None, name: str | None = None) -> dict:
-    """submitit ``SlurmExecutor`` parameters of one array."""
+    """submitit ``SlurmExecutor`` parameters of one array.
+
+    ``res.cpus`` is the job's CPUs (per node: jobs here are one node); a distributed stage
+    runs one task per GPU, each with ``cpus / gpus`` (:func:`orchestrator.slurm.cpus_per_task`;
+    sweep validation refuses a count that does not split).
+    """
     extra = dict(res.extra)
     if dependency:
         extra["dependency"] = dependency
         extra.setdefault("kill-on-invalid-dep", "yes")  # never hang behind a failed parent
-    params = dict(job_name=name or f"{sweep.name}.{stage}", time=res.time_min, cpus_per_task=res.cpus,
+    tasks = res.gpus if res.gpus and stage in DISTRIBUTED_STAGES else 1
+    params = dict(job_name=name or f"{sweep.name}.{stage}", time=res.time_min,
+                  cpus_per_task=slurm.cpus_per_task(res.cpus, tasks),
                   mem=f"{int(res.mem_gb * 1024)}MB", array_parallelism=sweep.spec.array_parallelism,
                   signal_delay_s=90, additional_parameters=extra)
     for key, value in (("partition", res.partition), ("account", res.account), ("qos", res.qos)):
@@ -69,12 +69,6 @@ def dependency(plan: Plan, arr: ArrayPlan, external: External) -> str | None:
     return ",".join(deps) or None
 
 
-def _pause(where: str, index: int) -> None:
-    if os.environ.get(PAUSE_ENV) == f"{where}:{index}":
-        print(f"orchestrate: test pause {where} of array {index}", file=sys.stderr, flush=True)
-        time.sleep(3600)
-
-
 class SlurmExecutor(Executor):
     name = "slurm"
 
@@ -94,7 +88,6 @@ class SlurmExecutor(Executor):
             ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=3)
             ex.update_parameters(**sbatch_params(sweep, arr.stage, arr.resources,
                                                  dependency(plan, arr, external or {}), name))
-            _pause("before_sbatch", arr.index)
             try:
                 # submitit prints sbatch's stderr itself before raising: keep it for our one line
                 with contextlib.redirect_stderr(io.StringIO()), ex.batch():
@@ -104,15 +97,8 @@ class SlurmExecutor(Executor):
                 errs = [ln.removeprefix("sbatch: error:").strip() for ln in lines if ln.startswith("sbatch: error")]
                 detail = "; ".join(errs or lines[-1:]) or "sbatch failed"
                 raise SubmissionRefused(arr.stage, slurm.refusal(detail), detail) from None
-            _pause("after_sbatch", arr.index)
             arr.job_id = jobs[0].job_id
             got = {h: job.job_id for h, job in zip(arr.runs, jobs)}
             on_queued(arr, got)
             ids.update({(h, arr.stage): j for h, j in got.items()})
         return ids
-
-    def states(self, job_ids: list[str]) -> dict[str, dict]:
-        return slurm.job_states(job_ids) if job_ids and slurm.available() else {}
-
-    def cancel(self, job_ids: list[str]) -> None:
-        slurm.cancel(job_ids)

@@ -9,7 +9,8 @@ import pytest
 
 from analysis.common import Output, aggregate, metric_label, prepare
 from analysis.fig8_gflops import _panel
-from analysis.registry import REGISTRY, generate, load_frames
+from analysis.registry import REGISTRY, generate
+from orchestrator.commands.figures import load_frames
 from orchestrator.db.store import Store
 
 from analysis_db import build_db, grid_specs
@@ -41,6 +42,12 @@ def test_every_entry_writes_its_files(generated):
     assert set(REGISTRY) < set(outputs)
     for name in REGISTRY:
         files = outputs[name].files
+        if name == "joint_fits":  # the grid's decoder direction has 5 runs on a line: below the 6 it needs
+            assert not files and "no joint fit" in outputs[name].warnings[0]
+            continue
+        if name == "predictions":  # one seed per point: 2 runs below the largest token count, too few
+            assert not files and "to hold one out" in outputs[name].warnings[0]
+            continue
         assert files, (name, outputs[name].warnings)
         for f in files:
             assert f.exists() and f.stat().st_size > 500, f

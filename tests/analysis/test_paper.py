@@ -74,3 +74,14 @@ def test_malformed_reference_file_names_table_and_row(tmp_path):
     bad.write_text("tables:\n  t:\n    columns: {rFID: rfid}\n    rows:\n      - {label: a, metrics: {gfid: 1.0}}\n")
     with pytest.raises(PaperDataError, match=r"table 't' row 0: metrics \['gfid'\]"):
         load_paper_data(bad)
+
+
+def test_scaling_laws_doc_holds_the_paper_extrapolation_the_code_computes():
+    from pathlib import Path
+
+    from analysis.paper_check import markdown, paper_extrapolation
+
+    table = paper_extrapolation()
+    assert len(table) == 4 and set(table["target tokens"]) == {"1024"}
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "scaling_laws.md").read_text()
+    assert markdown(table) in doc

@@ -30,7 +30,7 @@ def tokenizer(tmp_path_factory):
 
 def test_evaluate_end_to_end(tokenizer, tmp_path):
     from core.data import build_dataset
-    from core.train import load_tokenizer
+    from core.models.load import load_tokenizer
 
     cfg, run_dir = tokenizer
     out = tmp_path / "eval"
@@ -76,7 +76,7 @@ def test_cli_and_config_errors(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="eval.num_samples"):
         evaluate(too_many, run_dir, tmp_path / "a")
     other_model = load_config(None, {**OVERRIDES, "model.latent_channels": 8})
-    with pytest.raises(ConfigError, match="'model' section"):
+    with pytest.raises(ConfigError, match=r"holds a tokenizer of a different config \(model.latent_channels: 16 there, 8 here"):
         evaluate(other_model, run_dir, tmp_path / "b")
     assert main(["--tokenizer-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "c")]) == 2
 

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from core.eval.flops import count_flops, tokenizer_flops, vit_encoder_flops_closed_form
+from core.eval.flops import count_flops, tokenizer_flops
+from core.models import flops_formulas
 from core.models.tokenizer import TCAE, VIT_SIZES, TokenizerArgs, build_tokenizer
 
 
@@ -19,18 +20,16 @@ def micro(**kw) -> TCAE:
     "patch,latent,class_token",
     [(4, 4, False), (2, 4, False), (4, 4, True), (8, 8, False), (16, 4, True)],  # merge/equal/split
 )
-def test_vanilla_encoder_matches_closed_form(patch, latent, class_token):
+def test_vanilla_tokenizer_matches_closed_form(patch, latent, class_token):
     model = micro(patch_size=patch, latent_size=latent, class_token=class_token)
-    size = VIT_SIZES["micro"]
-    expected = vit_encoder_flops_closed_form(32, patch, size.width, size.depth, latent, 16, class_token)
-    assert tokenizer_flops(model, 32)["encoder"] == expected
+    assert tokenizer_flops(model, 32) == flops_formulas.tokenizer_flops(model.args, 32)
 
 
 def test_vit_s_256_on_meta_matches_closed_form():
     with torch.device("meta"):
         model = TCAE(TokenizerArgs(256, 16, "S", "S", None, "conv", 8, 128))
     flops = tokenizer_flops(model, 256)
-    assert flops["encoder"] == vit_encoder_flops_closed_form(256, 16, 384, 12, 8, 128)
+    assert flops == flops_formulas.tokenizer_flops(model.args, 256)
     assert flops["total"] == flops["encoder"] + flops["decoder"]
     assert 12.0e9 < flops["encoder"] < 12.5e9  # ViT-S/16 on 256 tokens: ~6.2 GMACs
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from core.config import GeneratorConfig, load_config
+from core.config import ConfigError, GeneratorConfig, load_config
 from core.generator.flow import sample_latents
 from core.generator.latents import LatentStats, cached_latents, encode_dataset, load_or_compute_stats
 from core.generator.train import ema_decay, eval_steps, resolve_shift, train_generator
@@ -154,6 +154,9 @@ def test_generate_end_to_end_on_a_tiny_tokenizer(tmp_path, capsys):
     assert info["sample_labels"]["per_class_min"] == 6 and info["sample_labels"]["per_class_max"] == 7
     assert info["gfid_reference"] == "balanced-val-subset:64:seed=0" and info["num_real"] == 64
     assert info["real_subset"]["classes_covered"] == 10
+    assert info["inception_score_rule"].startswith("adm: consecutive splits of 5000")
+    assert info["sample_precision"] == "fp32" and info["continued_from"] == [] and info["steps"] == 12
+    assert info["inception_score_rules"] == {info["inception_score_rule"]: [6, 12]}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["eval"]["step"] for r in log if "eval" in r] == [6, 6, 12, 12]
 
@@ -164,7 +167,7 @@ def test_generate_end_to_end_on_a_tiny_tokenizer(tmp_path, capsys):
     assert (out / "result.json").stat().st_mtime_ns == mtime
     assert "gfid" in capsys.readouterr().out
 
-    with pytest.raises(ValueError, match="tokenizer was trained with"):
+    with pytest.raises(ConfigError, match=r"tok: holds a tokenizer of a different config \(.*model.latent_channels: 16 there, 8 here"):
         generate(load_config(overrides={"model.latent_channels": 8}), tmp_path / "tok", tmp_path / "other")
 
 
@@ -174,7 +177,8 @@ def test_gfid_against_a_reference_statistics_file(tmp_path, tiny_config):
 
     from core.data import build_dataset
     from core.eval.fid import FidelityFeatures, save_statistics
-    from core.generate import generate, real_statistics
+    from core.generate import generate
+    from core.generator.gfid import real_statistics
     from core.train import train
 
     over = {"train.steps": 2, "generator.steps": 2, "generator.batch_size": 8, "generator.num_samples": 20,

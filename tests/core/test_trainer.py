@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from core.config import ConfigError
 from core.models.tokenizer import build_tokenizer, tokenizer_args
-from core.train import load_tokenizer, main, train
+from core.models.load import load_tokenizer
+from core.train import main, train
 from core.trainer import EMA, build_optimizer, cosine_lr, load_checkpoint, save_checkpoint, train_step
 from core.trainer.distributed import DistInfo
 from core.trainer.objective import Objective, ReconstructionObjective

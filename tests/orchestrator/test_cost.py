@@ -14,7 +14,8 @@ import yaml
 from core.config import load_config
 from core.eval.flops import count_flops
 from core.eval.flops import tokenizer_flops as counted_tokenizer_flops
-from orchestrator import cost
+from core.models import flops_formulas
+from orchestrator import cost, slurm
 from orchestrator.cli import main
 from orchestrator.db.store import Store
 from orchestrator.plan import build_plan
@@ -42,7 +43,7 @@ def test_closed_form_tokenizer_flops_equal_the_counter(patch, k, comp, enc, dec,
                              "model.class_token": cls, "model.latent_size": lat})
     with torch.device("meta"):  # shapes only: counting needs no weights
         model = build_tokenizer(tokenizer_args(cfg.model, 32))
-    assert cost.tokenizer_flops(cfg) == counted_tokenizer_flops(model, 32)
+    assert flops_formulas.tokenizer_flops(cfg.model, 32) == counted_tokenizer_flops(model, 32)
 
 
 def test_closed_form_paper_scale_s16_and_dit_equal_the_counter():
@@ -53,11 +54,11 @@ def test_closed_form_paper_scale_s16_and_dit_equal_the_counter():
     with torch.device("meta"):
         model = build_tokenizer(tokenizer_args(cfg.model, 256))
         dit = DiT("B", cfg.model.latent_channels, cfg.model.latent_size, num_classes=1000)
-    assert cost.tokenizer_flops(cfg) == counted_tokenizer_flops(model, 256)
+    assert flops_formulas.tokenizer_flops(cfg.model, 256) == counted_tokenizer_flops(model, 256)
     c, h = cfg.model.latent_channels, cfg.model.latent_size
     x = torch.zeros(1, c, h, h, device="meta")
     n = count_flops(dit, x, torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
-    assert cost.dit_flops(cfg) == n
+    assert flops_formulas.dit_flops("B", h, c) == n
 
 
 def test_vgg16_closed_form_equals_the_counter():
@@ -65,7 +66,7 @@ def test_vgg16_closed_form_equals_the_counter():
 
     with torch.device("meta"):
         vgg = torchvision.models.vgg16().features[:30]  # through conv5_3 + ReLU: the LPIPS taps
-    assert cost.vgg16_flops(224) == count_flops(vgg, torch.zeros(1, 3, 224, 224, device="meta"))
+    assert flops_formulas.vgg16_flops(224) == count_flops(vgg, torch.zeros(1, 3, 224, 224, device="meta"))
 
 
 def test_dry_run_prints_estimate_beside_the_slurm_request(tmp_path, capsys):
@@ -89,7 +90,7 @@ def test_dry_run_prints_estimate_beside_the_slurm_request(tmp_path, capsys):
     assert rows["tokenizer"]["requested_hours"] == pytest.approx(120 * 8 * 2880 / 60)
     vanilla = next(r for r in sweep.runs if r.params == {"model.patch_size": 16, "model.decoder_size": "S",
                                                          "model.split_depth": 12, "ssl.method": "none"})
-    fwd = cost.tokenizer_flops(vanilla.config)["total"]
+    fwd = flops_formulas.tokenizer_flops(vanilla.config.model, 256)["total"]
     assert cost.stage_flops("tokenizer", vanilla.config, world=8) == 3 * fwd * 125150 * 64 * 8
 
 
@@ -109,10 +110,10 @@ def test_estimate_of_1000_runs_is_fast(tmp_path):
 
 
 def test_parse_tres():
-    assert cost.parse_tres("billing=8,cpu=64,gres/gpu=8,gres/gpu:h100=8,mem=480G,node=1") == {
+    assert slurm.parse_tres("billing=8,cpu=64,gres/gpu=8,gres/gpu:h100=8,mem=480G,node=1") == {
         "billing": 8, "cpu": 64, "gpu": 8, "mem": 480, "node": 1}
-    assert cost.parse_tres("cpu=2,mem=1G,node=1").get("gpu") is None
-    assert cost.parse_tres("") == {}
+    assert slurm.parse_tres("cpu=2,mem=1G,node=1").get("gpu") is None
+    assert slurm.parse_tres("") == {}
 
 
 def _selftest_sweep(tmp_path, executor, partition=None):
@@ -210,3 +211,82 @@ def _metrics(store, h):
 
     with store.session() as s:
         return list(s.scalars(select(Metric).join(Run, Metric.run_id == Run.id).where(Run.run_hash == h)))
+
+
+def _tokenizer_sweep(tmp_path, name, steps, axes=None, gpus=0):
+    doc = {"name": name, "base": {"data": {"name": "synthetic", "image_size": 32, "train_size": 256, "batch_size": 8},
+                                  "model": {"encoder_size": "micro", "latent_size": 4, "latent_channels": 8},
+                                  "loss": {"perceptual": 0.0}, "train": {"steps": steps, "device": "cpu",
+                                                                         "ckpt_every": steps, "log_every": steps}},
+           "axes": axes or {"model.patch_size": [8]},
+           "stages": {"tokenizer": {"resources": {"cpus": 1, "gpus": gpus, "mem_gb": 1, "time_min": 30}}},
+           "executor": "debug", "runs_dir": str(tmp_path / "runs")}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_dry_run_uses_the_flop_rate_measured_by_finished_runs(tmp_path, capsys):
+    # a real (tiny) tokenizer run on this CPU records its counted FLOPs and train_time_s
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    assert main(["submit", str(_tokenizer_sweep(tmp_path, "measured", 6)), "--db", url]) == 0
+    table = runs_table(Store(url), sweep="measured")
+    seconds = float(table["train_time_s"].iloc[0])
+    cfg = load_sweep(_tokenizer_sweep(tmp_path, "measured", 6)).runs[0].config
+    rate = cost.stage_flops("tokenizer", cfg) / seconds  # FLOP/s per core (1 cpu)
+
+    # a new sweep of the same stage and size is priced at that rate, and says so
+    plan_path = _tokenizer_sweep(tmp_path, "next", 600, axes={"model.patch_size": [8, 4]})
+    capsys.readouterr()
+    assert main(["submit", str(plan_path), "--dry-run", "--json", "--db", url]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["cost"]
+    (used,) = row["rates"]
+    assert used["flops_per_s"] == pytest.approx(rate) and "median of 1 finished run" in used["source"]
+    assert row["estimated_hours"] == pytest.approx(row["pflops"] * 1e15 / rate / 3600)
+    assert main(["submit", str(plan_path), "--dry-run", "--db", url]) == 0
+    assert f"{rate / 1e9:.3g} GFLOP/s/core median of 1 finished run" in capsys.readouterr().out
+    # without the database: the stated default, named as such
+    assert main(["submit", str(plan_path), "--dry-run", "--json", "--db", f"sqlite:///{tmp_path / 'none.db'}"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["cost"]
+    assert row["rates"] == [{"source": "assumed (default)", "flops_per_s": 20e9, "runs": 2}]
+
+
+def test_dry_run_uses_a_gpu_smoke_measurement_and_the_sweep_key_wins(tmp_path, capsys):
+    # the layout benchmarks/gpu_smoke.py writes (its rows: stage, step_s, flops_per_step, ...);
+    # step times of the first H200 run (issue 20): L1 step 0.0515 s, the real joint loop 0.495 s
+    row = lambda stage, s, flops, **kw: {"stage": stage, "step_s": s, "flops_per_step": flops, "batch": 64, **kw}  # noqa: E731
+    smoke = {"device": "NVIDIA H200", "tiny": False, "matmul": {"tflops": 738.0},
+             "tokenizer_config": {"model.encoder_size": "S", "model.patch_size": 16, "data.image_size": 256},
+             "joint_config": {"model.encoder_size": "S", "ssl.method": "ibot"},
+             "stages": [row("tokenizer_l1", 0.0515, 4.75e12), row("tokenizer_joint", 0.218, 3.2e13),
+                        row("tokenizer_joint_loop", 0.495, 3.2e13),
+                        row("generator", 0.05, 2.4e13, size="XL"), row("generator_sampling_bf16", 0.3, None)]}
+    (tmp_path / "smoke.json").write_text(json.dumps(smoke))
+    doc = yaml.safe_load(open("sweeps/token_scaling.yaml"))
+    doc.update(runs_dir=str(tmp_path), cost={"measurements": str(tmp_path / "smoke.json")})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    capsys.readouterr()
+    assert main(["submit", str(tmp_path / "s.yaml"), "--dry-run", "--json", "--db", url]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["cost"]}
+    (tok,) = rows["tokenizer"]["rates"]  # the real loop, not the bare step
+    assert tok["flops_per_s"] == pytest.approx(3.2e13 / 0.495) and tok["mfu"] == pytest.approx(3.2e13 / 0.495 / 989e12)
+    assert str(tmp_path / "smoke.json") in tok["source"] and "tokenizer_joint_loop" in tok["source"]
+    assert rows["tokenizer"]["estimated_hours"] == pytest.approx(rows["tokenizer"]["pflops"] * 1e15 / (3.2e13 / 0.495)
+                                                                 / 3600)
+    (gen,) = rows["generator"]["rates"]
+    assert gen["flops_per_s"] == pytest.approx(2.4e13 / 0.05) and "generator)" in gen["source"]
+    assert {r["source"] for r in rows["finetune"]["rates"]} == {"assumed (default)"}  # not measured
+    assert not (tmp_path / "never.db").exists()
+    # an explicit cost.mfu is the user's decision: it wins over the measurement
+    doc["cost"]["mfu"] = 0.2
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["submit", str(tmp_path / "s.yaml"), "--dry-run", "--json", "--db", url]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["cost"]}
+    assert [(r["source"], r["mfu"]) for r in rows["tokenizer"]["rates"]] == [("sweep key cost.mfu", pytest.approx(0.2))]
+    # a measurement file that is not there: exit 2 naming the key and the file
+    doc["cost"] = {"measurements": str(tmp_path / "absent.json")}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["submit", str(tmp_path / "s.yaml"), "--dry-run", "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert "cost.measurements" in err and "absent.json" in err and "Traceback" not in err

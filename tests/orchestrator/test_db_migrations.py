@@ -33,7 +33,7 @@ def test_upgrade_an_older_database_with_data(db_url, write_result, tmp_path):
     _fill_revision_1(store)
 
     store.upgrade()
-    assert store.current_revision() == store.head_revision() == "0003"
+    assert store.current_revision() == store.head_revision()
     (run,) = store.runs(with_config=True)
     assert (run.run_hash, run.sweep.name, run.status, run.config) == (
         "aaaaaaaaaaaaaaaa", "old", "finished", {"model": {"patch_size": 4}})
@@ -68,7 +68,7 @@ def test_downgrade_and_reupgrade(sqlite_url):
         command.downgrade(store._alembic_config(conn), "0001")
     assert store.current_revision() == "0001"
     store.upgrade()
-    assert store.current_revision() == "0003"
+    assert store.current_revision() == store.head_revision()
     store.dispose()
 
 
@@ -82,7 +82,7 @@ def test_db_command(tmp_path, run_cli):
     assert out.returncode == 2 and "revision 0001" in out.stderr and "orchestrate db upgrade" in out.stderr
     assert Store(url).current_revision() == "0001"
     out = run_cli("db", "upgrade", "--db", url)
-    assert out.returncode == 0 and "at revision 0003" in out.stdout
+    assert out.returncode == 0 and f"at revision {Store(url).head_revision()}" in out.stdout
     out = run_cli("db", "stamp", "0001", "--db", url)
     assert out.returncode == 0 and "stamped 0001" in out.stdout
     out = run_cli("db", "stamp", "nonsense", "--db", url)

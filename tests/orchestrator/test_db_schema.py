@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from orchestrator.db import SchemaError, Store
 from orchestrator.db.models import (Artifact, IngestedFile, Metric, Param, Run, RunStage, Sweep,
                                     param_columns)
-from orchestrator.db.store import _fs_type, head_revision, is_network_fs, run_status
+from orchestrator.db.engine import _fs_type, is_network_fs
+from orchestrator.db.store import head_revision, run_status
 
 
 def test_round_trip_every_table(store, real_config):

@@ -6,9 +6,10 @@ import json
 import yaml
 
 from orchestrator.cli import main
+from orchestrator.db.store import Store
+from orchestrator.decide import plan_steps, todo_of
 from orchestrator.plan import build_plan, stages_to_run
 from orchestrator.slurm import chunks
-from orchestrator.submit import decide
 from orchestrator.sweep import load_sweep
 
 STAGES = {"selftest": {"needs": []}, "echo": {"needs": ["selftest"]}, "tokenizer": {"needs": []}}
@@ -39,7 +40,7 @@ def test_stages_to_run_includes_dependants_of_redone_stages():
 
 def test_one_array_per_stage_with_per_element_dependency(tmp_path):
     sweep = make_sweep(tmp_path)
-    todo = decide(sweep, known={})
+    todo = todo_of(plan_steps(None, sweep, sweep.runs)[1])
     plan = build_plan(sweep, todo, sweep.runs, max_array_size=10001)
     assert [a.stage for a in plan.arrays] == sweep.stage_order
     assert plan.sbatch_calls == 3
@@ -51,7 +52,7 @@ def test_one_array_per_stage_with_per_element_dependency(tmp_path):
 
 def test_arrays_are_chunked_to_max_array_size_and_chunks_pair_up(tmp_path):
     sweep = make_sweep(tmp_path, n_patch=4)  # 8 runs
-    plan = build_plan(sweep, decide(sweep, known={}), sweep.runs, max_array_size=3)
+    plan = build_plan(sweep, todo_of(plan_steps(None, sweep, sweep.runs)[1]), sweep.runs, max_array_size=3)
     sel = [a for a in plan.arrays if a.stage == "selftest"]
     echo = [a for a in plan.arrays if a.stage == "echo"]
     assert [len(a.runs) for a in sel] == [3, 3, 2]
@@ -62,19 +63,27 @@ def test_arrays_are_chunked_to_max_array_size_and_chunks_pair_up(tmp_path):
 
 def test_finished_and_active_runs_are_skipped_failed_ones_left_to_retry(tmp_path):
     sweep = make_sweep(tmp_path)
-    h = [r.run_hash for r in sweep.runs]
-    all_done = {s: "finished" for s in sweep.stage_order}
-    known = {
-        h[0]: all_done,
-        h[1]: {"selftest": "running", "echo": "queued", "tokenizer": "queued"},
-        h[2]: {"selftest": "failed", "echo": "cancelled", "tokenizer": "finished"},
-        h[3]: {"selftest": "finished", "echo": "pending", "tokenizer": "finished"},  # stage added later
-    }
-    todo = decide(sweep, known)
-    assert set(todo) == set(h) - {h[1], h[2]}
-    assert not todo[h[0]] and todo[h[3]] == ["echo"] and todo[h[4]] == sweep.stage_order
-    retry = decide(sweep, known, retry=True)
-    assert retry == {h[2]: ["selftest", "echo"]}
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    store.upgrade()
+    runs, steps, configs, _ = plan_steps(store, sweep, sweep.runs)
+    h = [r.run_hash for r in runs]
+    # recorded as a submission records them, then states as Slurm reports them
+    store.record_plan(sweep.name, "", {x: (configs[x], r.params) for x, r in zip(h, runs)}, "slurm",
+                      sweep.stage_order, steps)
+    state = {**{(h[0], st): "finished" for st in sweep.stage_order},
+             (h[1], "selftest"): "running", (h[1], "echo"): "queued", (h[1], "tokenizer"): "queued",
+             (h[2], "selftest"): "failed", (h[2], "echo"): "cancelled", (h[2], "tokenizer"): "finished",
+             (h[3], "selftest"): "finished", (h[3], "tokenizer"): "finished"}
+    store.set_states({k: {"status": v} for k, v in state.items()})
+    todo = todo_of(plan_steps(store, sweep, runs)[1])  # h[3]: echo never submitted (a stage added later)
+    assert {x for x, t in todo.items() if t} == set(h) - {h[0], h[1], h[2]}
+    assert todo[h[3]] == ["echo"] and todo[h[4]] == sweep.stage_order
+    retry = todo_of(plan_steps(store, sweep, runs, retry=True)[1])
+    assert {x: t for x, t in retry.items() if t} == {h[2]: ["selftest", "echo"]}
+    steps = plan_steps(store, sweep, runs)[1]
+    assert steps[h[2]]["selftest"].action == "skip" and "orchestrate retry" in steps[h[2]]["selftest"].reason
+    assert steps[h[0]]["echo"].action == "reuse" and steps[h[1]]["echo"].action == "active"
+    store.dispose()
 
 
 def test_partial_parent_set_falls_back_to_afterok(tmp_path):

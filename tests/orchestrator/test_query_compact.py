@@ -37,10 +37,10 @@ def test_default_table_is_compact(three_runs, run_cli):
     out = run_cli("query", "--db", three_runs)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == "rfid_backbone: embedded-featnet-v1 (every run with rfid)"
-    header = lines[1].split()
-    assert header == ["run_hash", "sweep", "status", "model.patch_size", "lpips", "lpips_backbone", "psnr", "rfid"]
-    assert len(lines) == 2 + 1 + 3  # constants, header, rule, 3 runs
+    assert lines[:2] == ["sweep: patch (every run)", "rfid_backbone: embedded-featnet-v1 (every run with rfid)"]
+    header = lines[2].split()  # the headline metrics, in their order
+    assert header == ["run_hash", "status", "patch_size", "rfid", "psnr", "lpips", "lpips_backbone"]
+    assert len(lines) == 2 + 2 + 3  # constants, header, rule, 3 runs
 
 
 def test_wide_shows_everything(three_runs, run_cli):
@@ -72,3 +72,56 @@ def test_parquet_to_a_file_and_to_stdout(three_runs, run_cli, tmp_path):
     piped = pd.read_parquet(tmp_path / "piped.parquet")
     assert list(piped.columns)[:4] == ["run_hash", "sweep", "status", "model.patch_size"]
     assert set(piped["rfid_backbone"]) == {"embedded-featnet-v1"}
+
+
+# every metric a quickstart run reports (tokenizer, evaluate, generator stages, measured hours)
+QUICKSTART_METRICS = ["train_loss", "params_encoder", "params_decoder", "gflops_encoder", "gflops_decoder",
+                      "gflops_total", "train_time_s", "encoder_depth", "psnr", "ssim", "lpips", "rfid",
+                      "probe_acc_before", "probe_acc_after", "structure_loss", "gfid", "inception_score",
+                      "tokenizer_cpu_hours", "evaluate_cpu_hours", "generator_cpu_hours"]
+
+
+@pytest.fixture
+def quickstart_like(sqlite_url, write_result, tmp_path):
+    """16 runs over the quickstart's axes (patch x decoder x split depth x seed), every metric."""
+    from core.config import config_dict, config_hash, load_config
+
+    i = 0
+    for patch in (8, 4):
+        for dec in ("micro", "mini"):
+            for k in (2, None):
+                for seed in (0, 1):
+                    params = {"model.patch_size": patch, "model.decoder_size": dec, "model.split_depth": k,
+                              "train.seed": seed}
+                    cfg = load_config(None, {"model.encoder_size": "micro", **params})
+                    i += 1
+                    write_result(config_hash(cfg), "evaluate", 1, sweep="quickstart", config=config_dict(cfg),
+                                 params=params, metrics=[{"name": m, "value": 1234.56789 / (j + i), "step": 300}
+                                                         for j, m in enumerate(QUICKSTART_METRICS)])
+    store = Store(sqlite_url)
+    store.upgrade()
+    assert not ingest(store, [tmp_path / "runs"]).errors
+    store.dispose()
+    return sqlite_url
+
+
+def test_default_table_shows_the_headline_metrics_in_160_columns(quickstart_like, run_cli):
+    out = run_cli("query", "--db", quickstart_like)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= 160, "\n".join(lines)
+    assert lines[0] == "sweep: quickstart (every run)"
+    header = lines[1].split()
+    assert header == ["run_hash", "status", "decoder_size", "patch_size", "split_depth", "seed",
+                      "rfid", "gfid", "psnr", "lpips", "structure_loss", "gflops_total"]
+    # a vanilla run's split depth says what it is (unset = the encoder's depth), never nan
+    depths = {ln.split()[header.index("split_depth")] for ln in lines[3:]}
+    assert depths == {"2", "—"} and "nan" not in out.stdout
+    # the rest on request
+    wide = run_cli("query", "--db", quickstart_like, "--wide")
+    assert {"train_time_s", "tokenizer_cpu_hours", "params_decoder"} <= set(wide.stdout.splitlines()[0].split())
+    some = run_cli("query", "--db", quickstart_like, "--metrics", "train_time_s,rfid")
+    assert some.stdout.splitlines()[1].split()[-2:] == ["train_time_s", "rfid"]  # in the order asked
+    # files keep every metric (and null stays null)
+    csv = pd.read_csv(io.StringIO(run_cli("query", "--db", quickstart_like, "--format", "csv").stdout))
+    assert set(QUICKSTART_METRICS) <= set(csv.columns) and csv["model.split_depth"].isna().sum() == 8

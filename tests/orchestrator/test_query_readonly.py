@@ -218,12 +218,12 @@ def test_pg_runaway_query_stops_at_the_timeout(pg_reader):
     t0 = time.monotonic()  # a huge result streams from a server-side cursor: only max_rows arrive
     df = read_only_sql(url, "SELECT a, repeat('x', 100) FROM generate_series(1, 10000) a, generate_series(1, 10000) b",
                        role=role, max_rows=10)  # 10^8 rows, produced lazily
-    assert len(df) == 10 and df.attrs["truncated"] and time.monotonic() - t0 < 10
+    assert len(df) == 10 and df.attrs["truncated"] and time.monotonic() - t0 < 60  # all 10^8 rows: many minutes
     t0 = time.monotonic()
     with pytest.raises(QueryTimeout, match="timeout of 1 s"):
         read_only_sql(url, "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
                       role=role, timeout_s=1)
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 60  # without the timeout: never ends (bound generous: 2 loaded cores)
 
 
 @pytest.mark.parametrize("sql", TRICKS + SQLITE_TRICKS)
@@ -263,7 +263,7 @@ def test_sqlite_runaway_queries_stop(sqlite_url):
     with pytest.raises(QueryTimeout, match="budget of 1 s"):
         read_only_sql(sqlite_url, "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) "
                                   "SELECT count(*) FROM r", timeout_s=1)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 60  # without the budget: never ends (bound generous: 2 loaded cores)
     with pytest.raises(ValueError, match="too big|budget"):  # a string bomb hits the length limit
         read_only_sql(sqlite_url, "WITH RECURSIVE r(n, s) AS (SELECT 1, 'x' UNION ALL SELECT n + 1, s || s FROM r "
                                   "WHERE n < 40) SELECT max(length(s)) FROM r", timeout_s=10)
@@ -276,7 +276,6 @@ def test_sqlite_memory_bomb_is_bounded(sqlite_url):
     _fill(sqlite_url)
     bomb = ("WITH RECURSIVE r(n, pad) AS (SELECT 1, randomblob(1000) UNION SELECT n + 1, randomblob(1000) FROM r) "
             "SELECT count(*) FROM r")
-    t0 = time.monotonic()
     # The child reports the peak of its own address space (VmHWM, reset by exec). Neither
     # RUSAGE_CHILDREN (the largest child pytest ever waited for) nor the child's ru_maxrss (which
     # keeps the forked pytest's RSS across exec) measures the query.
@@ -287,7 +286,7 @@ def test_sqlite_memory_bomb_is_bounded(sqlite_url):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "query stopped" in out.stderr, out.stderr
     peak_mib = int(out.stderr.split("PEAK_KIB")[1].split()[0]) / 1024
-    assert peak_mib < 1024 and time.monotonic() - t0 < 60
+    assert peak_mib < 1024  # (its time is bounded by the subprocess timeout above)
 
 
 def test_statement_is_regenerated_from_its_parse_tree():

@@ -16,8 +16,8 @@ from orchestrator.cli import main
 from orchestrator.db.store import Store
 from orchestrator.submit import open_store, submit_sweep, wait_for_sweep
 from orchestrator.sweep import load_sweep
+from selftest_reference import reference_checksum
 from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture)
-from test_submit_local import reference_checksum
 
 pytestmark = pytest.mark.slurm
 RES = {"cpus": 1, "mem_gb": 0.25, "time_min": 60}  # 60 min: submitit reads USR2 as preemption, not timeout
@@ -43,6 +43,23 @@ def cli_json(capsys, *argv) -> dict:
 
 def sacct_time(value: str) -> datetime:
     return datetime.fromisoformat(value)
+
+
+def settled_states(ids: list[str], timed: list[str], timeout: float = 120) -> dict[str, dict]:
+    """``slurm.job_states`` once accounting has caught up: every job in a final state, and the
+    ``timed`` ones with start and end times (slurmdbd may lag the controller by seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = slurm.job_states(ids)
+        try:
+            if all(states[j]["state"] in slurm.FINAL_STATES for j in ids):
+                for j in timed:
+                    sacct_time(states[j]["start"]), sacct_time(states[j]["end"])
+                return states
+        except (KeyError, ValueError):
+            pass
+        assert time.monotonic() < deadline, f"accounting never settled: {states}"
+        time.sleep(0.5)
 
 
 def test_max_array_size_is_read_from_scontrol(slurm_cluster):
@@ -78,7 +95,7 @@ def test_arrays_dependencies_failure_retry_and_resubmit(slurm_cluster, tmp_path,
     assert all(rows[(h, s)].status == "finished" for h in good for s in ("selftest", "echo"))
 
     # each child element started only after its own parent element ended
-    states = slurm.job_states(list(ids.values()))
+    states = settled_states(list(ids.values()), [ids[(h, s)] for h in good for s in ("selftest", "echo")])
     for h in good:
         parent, child = states[ids[(h, "selftest")]], states[ids[(h, "echo")]]
         assert sacct_time(child["start"]) >= sacct_time(parent["end"])
@@ -203,3 +220,51 @@ def test_real_tokenizer_training_preempted_and_resumed_matches_uninterrupted(slu
     log_steps = [json.loads(x)["step"] for x in (run_root / "tokenizer" / "log.jsonl").read_text().splitlines()
                  if x.strip()]
     assert log_steps == list(range(5, 41, 5))  # each step logged once: no re-training from scratch
+
+
+def _node_cpus() -> int:
+    return int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True)
+               .stdout.split()[0])
+
+
+def test_a_distributed_stage_splits_its_cpus_over_its_ranks(slurm_cluster, tmp_path, capsys):
+    """``resources.cpus`` is per job: a 2-GPU tokenizer job is 2 tasks of cpus/2 each; the real
+    Slurm accepts a job of the node's CPUs and refuses one beyond them (test-only sbatch of the
+    script submitit writes, minus the GPU request: this node has none)."""
+    from orchestrator.executors.slurm import sbatch_params
+
+    node = _node_cpus()
+    assert node % 2 == 0, f"this test needs an even CPU count per node, the node has {node}"
+
+    def verdict(cpus: int) -> tuple[int, str]:
+        doc = {"name": f"cpus{cpus}", "stages": {"tokenizer": {"resources": {"gpus": 2, "cpus": cpus, "mem_gb": 0.1,
+                                                                              "partition": slurm_cluster}}},
+               "executor": "slurm", "runs_dir": str(tmp_path / "runs")}
+        path = tmp_path / f"cpus{cpus}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        sweep = load_sweep(path)
+        params = sbatch_params(sweep, "tokenizer", sweep.spec.stages["tokenizer"].resources, None)
+        ex = submitit.SlurmExecutor(folder=tmp_path / "sub")
+        ex.update_parameters(**params)
+        text = ex._make_submission_file_text("true", "uid")
+        assert f"--cpus-per-task={cpus // 2}" in text and "--ntasks-per-node=2" in text, text
+        script = tmp_path / f"cpus{cpus}.sh"
+        script.write_text("\n".join(ln for ln in text.splitlines() if "--gpus-per-node" not in ln) + "\n")
+        out = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+        return out.returncode, out.stderr
+
+    rc, err = verdict(node)  # the whole node, 2 ranks of node/2
+    assert rc == 0, err
+    rc, err = verdict(2 * node)  # twice the node: refused by Slurm itself
+    assert rc != 0 and "node configuration is not available" in err, err
+
+    # a count that does not split over the ranks: exit 2 naming the file and the key, nothing submitted
+    doc = {"name": "odd", "stages": {"tokenizer": {"resources": {"gpus": 2, "cpus": 3}}}, "executor": "slurm",
+           "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "odd.yaml").write_text(yaml.safe_dump(doc))
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    capsys.readouterr()
+    assert main(["submit", str(tmp_path / "odd.yaml"), "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert "stages.tokenizer.resources.cpus" in err and str(tmp_path / "odd.yaml") in err and "cpus=3" in err
+    assert not (tmp_path / "never.db").exists() and not (tmp_path / "runs").exists()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from orchestrator.db.store import Store
-from slurm_fixture import slurm_cluster  # noqa: F401  (session fixture)
+from slurm_fixture import pause_at_sbatch, slurm_cluster, wait_paused  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slurm
 HELD = {"cpus": 1, "mem_gb": 0.25, "time_min": 10, "extra": {"hold": True}}  # never occupy the machine
@@ -67,9 +67,9 @@ def test_sigkill_between_sbatch_calls_then_resubmit_queues_each_stage_once(slurm
     name, path = held_sweep(tmp_path, slurm_cluster)
     cleanup.append(name)
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    proc = orchestrate("submit", path, "--db", url, env={"ORCHESTRATE_TEST_PAUSE": where})
-    line = proc.stderr.readline()  # the hook prints one line, then sleeps
-    assert "test pause" in line, (line, proc.communicate(timeout=60))
+    env, paused = pause_at_sbatch(tmp_path, where)  # that sbatch call stops until its caller dies
+    proc = orchestrate("submit", path, "--db", url, env=env)
+    wait_paused(paused, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     # killed after sbatch of array 0 returned: its array exists, the database may not know it yet

@@ -9,14 +9,7 @@ import yaml
 from orchestrator.cli import main
 from orchestrator.db.store import Store
 from orchestrator.submit import refresh_states
-
-
-def reference_checksum(steps: int, seed: int) -> int:
-    """The selftest counter's value, computed independently of the stage code."""
-    acc = seed
-    for i in range(1, steps + 1):
-        acc = (acc * 31 + i * i) % 1_000_003
-    return acc
+from selftest_reference import reference_checksum
 
 
 def make_sweep(tmp_path, marker, steps=7, executor="local"):
@@ -115,7 +108,7 @@ def test_multi_gpu_tokenizer_stage_gets_one_task_per_gpu(tmp_path):
     from orchestrator.sweep import load_sweep
 
     doc = yaml.safe_load(make_sweep(tmp_path, tmp_path / "m").read_text())
-    doc["stages"] = {"tokenizer": {"needs": [], "resources": {"gpus": 8}},
+    doc["stages"] = {"tokenizer": {"needs": [], "resources": {"gpus": 8, "cpus": 16}},  # cpus: per job
                      "evaluate": {"needs": ["tokenizer"], "resources": {"gpus": 8}}}
     path = tmp_path / "gpu.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -123,6 +116,7 @@ def test_multi_gpu_tokenizer_stage_gets_one_task_per_gpu(tmp_path):
     tok = _sbatch_params(sweep, "tokenizer", sweep.spec.stages["tokenizer"].resources, None)
     ev = _sbatch_params(sweep, "evaluate", sweep.spec.stages["evaluate"].resources, "afterok:1")
     assert tok["gpus_per_node"] == 8 and tok["ntasks_per_node"] == 8  # DDP: one rank per GPU
+    assert tok["cpus_per_task"] == 2  # the job's 16 CPUs split over its 8 ranks
     assert ev["gpus_per_node"] == 8 and "ntasks_per_node" not in ev  # single-process stage
 
 

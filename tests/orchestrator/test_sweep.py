@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from core.config import config_hash, load_config
+from core.config import load_config
+from orchestrator.identity import run_key
 from orchestrator.cli import main
-from orchestrator.sweep import SweepError, load_sweep
+from orchestrator.sweep import load_sweep
+from sweep_fixture import errors_of
 
 STAGES = {"selftest": {"needs": []}, "echo": {"needs": ["selftest"]}}
 
@@ -16,12 +18,6 @@ def write(tmp_path, **fields):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def errors_of(path) -> list[str]:
-    with pytest.raises(SweepError) as e:
-        load_sweep(path)
-    return e.value.errors
 
 
 def test_product_zip_and_seeds_expand_in_order(tmp_path):
@@ -35,9 +31,9 @@ def test_product_zip_and_seeds_expand_in_order(tmp_path):
     assert first.config.model.patch_size == 8 and first.config.train.seed == 0
     # zipped keys vary together, never crossed
     assert {(r.params["model.split_depth"], r.params["ssl.method"]) for r in sweep.runs} == {(2, "ibot"), (4, "none")}
-    # identity = core.config_hash of the resolved config, independent of the sweep code
+    # identity = hash of the resolved config's non-default keys, independent of the sweep code
     ref = load_config({"data": {"image_size": 32}}, overrides=first.params)
-    assert first.run_hash == config_hash(ref)
+    assert first.run_hash == run_key(ref)
     assert len({r.run_hash for r in sweep.runs}) == len(sweep.runs)
     assert sweep.stage_order == ["selftest", "echo"]
 

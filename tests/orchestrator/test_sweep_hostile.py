@@ -13,7 +13,7 @@ import yaml
 
 from orchestrator.db import Store
 from orchestrator.sweep import load_sweep
-from test_sweep import errors_of
+from sweep_fixture import errors_of
 
 SELFTEST = {"selftest": {"needs": []}}
 
@@ -52,7 +52,7 @@ def test_grid_size_cap_is_counted_before_expansion(tmp_path):
                     f"(raise max_runs if you mean it)"]
     t0 = time.monotonic()  # 10^30 points: refused by arithmetic, never built
     errs = errors_of(write(tmp_path, axes={f"x{i}": list(range(10)) for i in range(30)}))
-    assert time.monotonic() - t0 < 10 and "1,000,000,000,000,000,000,000,000,000,000 points" in errs[-1]  # building it: never ends
+    assert time.monotonic() - t0 < 60 and "1,000,000,000,000,000,000,000,000,000,000 points" in errs[-1]  # building it: never ends
     assert len(load_sweep(write(tmp_path, axes={"train.seed": list(range(20))}, max_runs=20)).runs) == 20
 
 
@@ -82,7 +82,7 @@ def test_yaml_alias_bomb_is_refused_in_bounded_time_and_memory(tmp_path):
     elapsed, (_, peak) = time.monotonic() - t0, tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(errs) == 1 and "more than 200,000 nodes" in errs[0] and str(path) in errs[0]
-    assert elapsed < 10 and peak < 20 * 2**20, (elapsed, peak)  # expanding it: minutes and GBs
+    assert elapsed < 60 and peak < 20 * 2**20, (elapsed, peak)  # expanding it: minutes and GBs
     path.write_text("name: loop\nstages: {selftest: {}}\nbase: &a {x: *a}\n")
     assert "recursive" in errors_of(path)[0]
     # anchors and merge keys of ordinary size stay fine

@@ -49,6 +49,31 @@ def ctrl_c(proc) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # the orchestrator and every stage process it forked
 
 
+def read_upto(proc, needle: str) -> str:
+    """Read the output character by character up to ``needle`` (a prompt ends no line)."""
+    text = ""
+    while needle not in text:
+        ch = proc.stdout.read(1)
+        assert ch, f"output ended before {needle!r}: {text[-2000:]}"
+        text += ch
+    return text
+
+
+def wait_for(cond, what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def read_until(proc, needle: str, timeout: float = 90) -> list[str]:
     lines, t0 = [], time.time()
     for line in proc.stdout:
@@ -147,13 +172,15 @@ def test_status_watch_on_an_ended_sweep_prints_once_and_exits(tmp_path, capsys):
 def test_ctrl_c_on_local_submission_asks_then_cancels_or_continues(tmp_path, answer):
     proc = start(tmp_path, "submit", str(write_sweep(tmp_path, steps=12, step_s=0.5)), "--wait")
     lines = read_until(proc, "selftest attempt 1: step")
-    time.sleep(1.0)
+    files = lambda: list((tmp_path / "runs" / "w").glob("*/selftest/progress.txt"))  # noqa: E731
+    steps = lambda: [int(p.read_text() or 0) for p in files()]  # noqa: E731
+    wait_for(lambda: len(steps()) == 2 and min(steps()) >= 1, "both stage processes stepping")
     ctrl_c(proc)  # the stage processes ignore it: the orchestrator asks, its stages go on meanwhile
-    time.sleep(1.5)
+    prompt = read_upto(proc, "[y/N] ")
     proc.stdin.write(answer + "\n")
     proc.stdin.flush()
     out, _ = proc.communicate(timeout=90)
-    out = "".join(lines) + out
+    out = "".join(lines) + prompt + out
     assert "Cancel the running local stages of this sweep? [y/N]" in out
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     states = {(r.run_hash, st.stage): st.status for r in store.runs(sweep="w") for st in r.stages}
@@ -162,10 +189,8 @@ def test_ctrl_c_on_local_submission_asks_then_cancels_or_continues(tmp_path, ans
         assert proc.returncode == 130, out
         assert "cancelled 4 local stage(s) of sweep w" in out
         assert set(states.values()) == {"cancelled"}
-        before = [p.read_text() for p in progress]
-        time.sleep(1.5)
-        assert [p.read_text() for p in progress] == before  # the stage processes are gone
-        assert all(int(x) < 12 for x in before)
+        wait_for(lambda: group_gone(proc.pid), "the stage processes are gone")  # nothing writes progress any more
+        assert all(int(p.read_text()) < 12 for p in progress)
     else:
         assert proc.returncode == 0, out
         assert "continuing" in out and set(states.values()) == {"finished"}
