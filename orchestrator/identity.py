@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from core.config import RunConfig, config_dict, non_default
+from core.stage import LENGTH_KEYS
 from orchestrator.db.configs import flatten
 
 # Bump a stage's version when its semantics change (a new evaluation subset rule, a fixed bug
@@ -71,7 +72,7 @@ STAGES: dict[str, StageDeps] = {
                                   "eval.subset_seed", "eval.inception_weights", "eval.fid_reference",
                                   "train.seed", "train.precision", "ssl.method"),
                            files=("eval.inception_weights", "eval.fid_reference"),
-                           length=("generator.steps", "generator.eval_at")),
+                           length=LENGTH_KEYS["generator"]),  # core's one declaration
     # built-in stand-ins (no core code); they read keys named by their params: the whole config
     "echo": StageDeps(reads=("*",), operational=()),
     "selftest": StageDeps(reads=("*",), operational=()),
