@@ -22,9 +22,10 @@ from typing import Iterator
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Subset
 
 from core.data import balanced_subset, dataset_labels, subset_info
+from core.data.loader import Uint8Items
 from core.eval.fid import IS_RULE, FeatureStatistics, FidelityFeatures, frechet_distance, inception_score
 from core.eval.metrics import to_uint8
 from core.generator.flow import guided, sample
@@ -34,19 +35,6 @@ from core.trainer import distributed as D
 
 SAMPLES_PNG_COUNT = 64
 NOISE_STREAM = 7  # core.seed.step_generator stream of the evaluation noise (sample index in place of the step)
-
-
-class _Uint8View(Dataset):
-    """Items ``indices`` of ``dataset`` as their exact uint8 (3, H, W) bytes (``render_uint8``)."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.dataset.render_uint8(int(self.indices[i]))).permute(2, 0, 1)
 
 
 def shard(n: int, rank: int, world_size: int) -> range:
@@ -67,7 +55,8 @@ def real_statistics(dataset, n: int, seed: int, features: FidelityFeatures, batc
     part = shard(len(indices), info.rank, info.world_size)
     mine = indices[part.start:part.stop]
     stats = FeatureStatistics()
-    for images in DataLoader(_Uint8View(dataset, mine), batch_size=batch_size, num_workers=num_workers):
+    items = Subset(Uint8Items(dataset), [int(i) for i in mine])  # exact uint8 (3, H, W) bytes
+    for images, _ in DataLoader(items, batch_size=batch_size, num_workers=num_workers):
         stats.update(features.features(images)[0])
     return stats.all_reduce(info).statistics(), subset_info(labels, indices, seed)
 
