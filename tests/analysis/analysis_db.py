@@ -70,6 +70,11 @@ def build_db(tmp_path, specs, sweep="toy", drop=()):
                      for n in ("gfid", "inception_score")]
             _write(root, h, sweep, "generator", cfg, early + m(["gfid", "inception_score"], 300))
     url = f"sqlite:///{tmp_path / 'results.db'}"
+    return ingested(root, url)
+
+
+def ingested(root, url: str) -> str:
+    """A fresh database at ``url`` (upgraded to head) holding every result file under ``root``."""
     store = Store(url)
     store.upgrade()
     report = ingest(store, [root])

@@ -7,10 +7,10 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from orchestrator.db.store import Store
-from orchestrator.ingest import ingest
 from orchestrator.results import make_payload, write_result_file
 from orchestrator.sweep import load_sweep
+
+from analysis_db import ingested
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 BACKBONE = "embedded-featnet-v1"
@@ -35,12 +35,7 @@ def law_db(tmp_path, sweep_file, metrics, keep=lambda params: True, url: str | N
                                started_at=NOW, ended_at=NOW, config=r.config_dict(), metrics=rows)
         write_result_file(root / sweep.name / r.run_hash, "evaluate", 1, payload)
     url = url or f"sqlite:///{tmp_path / 'results.db'}"
-    store = Store(url)
-    store.upgrade()
-    report = ingest(store, [root])
-    assert not report.errors, report.errors
-    store.dispose()
-    return url
+    return ingested(root, url)
 
 
 def noisy(value: float, params: dict, salt: int, sd: float = 0.05) -> float:
