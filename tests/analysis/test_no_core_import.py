@@ -4,7 +4,9 @@ loads torch or the model code (the resolved encoder depth comes from the databas
 The exceptions are torch-free: ``core.config`` (the pydantic schema; the ``orchestrate`` CLI
 builds every sub-command's parser, and ``submit``'s sweep loader imports it by contract) and
 the closed-form size tables and FLOP formulas the cost estimate reads
-(``core.models.geometry``, ``core.models.flops_formulas``; ``orchestrator.cost``)."""
+(``core.models.geometry``, ``core.models.flops_formulas``; ``orchestrator.cost``), and the
+stage toolkit's constants the stage identity reads (``core.stage.LENGTH_KEYS``, which
+imports ``core.io``)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +17,8 @@ from pathlib import Path
 from analysis_db import build_db, grid_specs
 
 REPO = Path(__file__).resolve().parents[2]
-TORCH_FREE = {"core", "core.config", "core.models", "core.models.geometry", "core.models.flops_formulas"}
+TORCH_FREE = {"core", "core.config", "core.models", "core.models.geometry", "core.models.flops_formulas",
+              "core.stage", "core.io"}
 
 _PROBE = """
 import json, sys
