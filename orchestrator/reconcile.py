@@ -14,8 +14,10 @@ journals of submissions whose process is gone:
   stages still queued/running whose stage lock nobody holds go back to ``pending``.
 
 :func:`refresh_states` then ingests result files and reads Slurm's states with one ``sacct``
-call; every final Slurm state has a meaning (:data:`orchestrator.slurm.FINAL_STATES`), and a
-job that ``sacct`` does not know for :data:`LOST_GRACE_S` is failed as lost.
+call; every final Slurm state has a meaning (:data:`orchestrator.slurm.FINAL_STATES`), a
+job that ``sacct`` does not know for :data:`LOST_GRACE_S` is failed as lost, and so is one
+COMPLETED that long ago without a result file: no state waits forever.  Slurm's states only
+change stages that are still active (a result file ingested meanwhile is never overwritten).
 """
 from __future__ import annotations
 
@@ -222,6 +224,8 @@ def refresh_states(store: Store, sweep: str, runs_root: Path | None = None) -> d
                 changes[(h, stage)] = ("preempted", None)
         elif state in slurm.FINAL_STATES and state != "COMPLETED":
             finals.append((h, stage, jid, state))
+        elif state == "COMPLETED" and _ended_before(info["end"], LOST_GRACE_S):
+            finals.append((h, stage, jid, "NO_RESULT"))  # exit 0, yet no result file ingested
     if queried and runs_root is not None:
         lost = {j for *_, j in active if j not in states}
         for j, t in _missing_since(runs_root, lost).items():
@@ -236,12 +240,22 @@ def refresh_states(store: Store, sweep: str, runs_root: Path | None = None) -> d
             changes[(h, stage)] = ("failed", f"slurm job {jid} lost: sacct has not known it "
                                              f"(for {LOST_GRACE_S:.0f}s)")
             continue
+        if state == "NO_RESULT":
+            where = runs_root / h / "results" if runs_root is not None else "its run's results/"
+            changes[(h, stage)] = ("failed", f"slurm job {jid} COMPLETED {LOST_GRACE_S:.0f}s ago but no result "
+                                             f"file of this attempt was ingested from {where}")
+            continue
         # no result file was ingested for this attempt: the job died outside our wrapper
         tail = (log_tail(runs_root / ".submitit" / jid / f"{jid}_0_log.err", 20) if runs_root is not None else None)
         why = "preempted and not requeued" if state == "PREEMPTED" else f"slurm state {state}"
         changes[(h, stage)] = (slurm.FINAL_STATES[state], why + (f"\n{tail}" if tail else ""))
     if changes:
-        store.set_states({k: {"status": st, "error_tail": err} for k, (st, err) in changes.items()})
+        # Slurm's view is older than the result files ingested since it was read (the second
+        # ingest above, or another process): it may move a stage between active states or
+        # end it, never overwrite an ingested end (a stale RUNNING once un-finished a stage
+        # whose result had just landed, and `--wait` then waited forever on a COMPLETED job).
+        store.set_states({k: {"status": st, "error_tail": err} for k, (st, err) in changes.items()},
+                         only_if=ACTIVE + ("pending",))
     return stage_counts(store, sweep)
 
 

@@ -146,7 +146,7 @@ def set_states(session: Session, states: Mapping[tuple[str, str], Mapping[str, A
     only those now in one of these states).  The runs' ``stage`` / job ids / error follow the
     last change; their status and attempts are re-derived (:func:`refresh_run_statuses`);
     rows reusing these stages mirror them.  Returns the pairs written."""
-    rows = stage_rows(session, states)
+    rows = stage_rows(session, states, lock=only_if is not None)
     updates, last, done = [], {}, []
     for key, f in states.items():
         if f["status"] not in STATUSES:
@@ -176,13 +176,19 @@ def set_states(session: Session, states: Mapping[tuple[str, str], Mapping[str, A
     return done
 
 
-def stage_rows(session: Session, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, int, str]]:
-    """(run_hash, stage) -> (run_stage id, run id, status) for the pairs in the database."""
+def stage_rows(session: Session, pairs: Iterable[tuple[str, str]],
+               lock: bool = False) -> dict[tuple[str, str], tuple[int, int, str]]:
+    """(run_hash, stage) -> (run_stage id, run id, status) for the pairs in the database.
+    ``lock``: hold the stage rows until the transaction ends (PostgreSQL ``FOR UPDATE``; a
+    SQLite write transaction already holds the database), so a status read here to decide a
+    write (``only_if``) is still the status when the write lands."""
     pairs = set(pairs)
     out = {}
     for part in _chunks(sorted({h for h, _ in pairs})):
         q = (select(Run.run_hash, RunStage.stage, RunStage.id, Run.id, RunStage.status)
              .join(RunStage, RunStage.run_id == Run.id).where(Run.run_hash.in_(part)))
+        if lock:
+            q = q.with_for_update(of=RunStage)
         for h, st, sid, rid, status in session.execute(q):
             if (h, st) in pairs:
                 out[(h, st)] = (sid, rid, status)

@@ -100,6 +100,18 @@ def test_store_api_stage_states_and_run_status(store):
     assert store.sweep_names() == ["sw"]
 
 
+def test_conditional_state_writes_skip_stages_that_moved_on(store):
+    """``only_if`` (used by every Slurm refresh): a stage that has ended is never changed back
+    by a state read before it ended; on PostgreSQL the rows are locked (FOR UPDATE) between
+    the status check and the write."""
+    store.upsert_run("d" * 16, "sw", {"a": 1}, executor="slurm", stages=["tokenizer", "evaluate"])
+    store.set_states({("d" * 16, "tokenizer"): {"status": "finished"}, ("d" * 16, "evaluate"): {"status": "queued"}})
+    stale = {("d" * 16, st): {"status": "running"} for st in ("tokenizer", "evaluate")}
+    assert store.set_states(stale, only_if=("queued", "running", "preempted", "pending")) == [("d" * 16, "evaluate")]
+    (run,) = store.runs()
+    assert {st.stage: st.status for st in run.stages} == {"tokenizer": "finished", "evaluate": "running"}
+
+
 def test_run_status_rules():
     assert run_status([]) == "pending"
     assert run_status(["finished", "finished"]) == "finished"

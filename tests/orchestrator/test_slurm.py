@@ -116,6 +116,73 @@ def test_arrays_dependencies_failure_retry_and_resubmit(slurm_cluster, tmp_path,
     assert store.finished_run_hashes("sl") == set(runs)
 
 
+def test_a_result_landing_during_a_refresh_is_not_undone_by_slurms_older_state(slurm_cluster, tmp_path,
+                                                                               monkeypatch):
+    """The interleaving that hung CI in `submit --wait`: one refresh reads Slurm (good job
+    RUNNING; the bad run's child CANCELLED, an end without a result file); the good job then
+    ends and writes its result, which the refresh's second ingest (made for the cancelled job)
+    records as finished.  Slurm's older RUNNING must not overwrite that (before: the stage went
+    back to running, its result file counted as ingested, its job COMPLETED, and the sweep
+    never settled)."""
+    from orchestrator import reconcile
+
+    steps = 40
+    path = write_sweep(tmp_path, "race", slurm_cluster, {"model.patch_size": [8, 2]},
+                       {"step_s": 0.25, "fail_when": {"model.patch_size": 2}}, steps=steps)
+    sweep = load_sweep(path)
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    ids = submit_sweep(store, sweep).job_ids
+    good, bad = (next(r.run_hash for r in sweep.runs if r.config.model.patch_size == p) for p in (8, 2))
+    job = {"good": ids[(good, "selftest")], "bad": ids[(bad, "selftest")], "child": ids[(bad, "echo")]}
+    want = {"good": "RUNNING", "bad": "FAILED", "child": "CANCELLED"}
+    progress = sweep.runs_root / good / "selftest" / "progress.txt"
+    deadline = time.monotonic() + 120
+    while True:  # the real cluster: the bad run over, the good one running and far from done
+        states = slurm.job_states(list(job.values()))
+        step = int(progress.read_text() or 0) if progress.exists() else 0
+        if all(states.get(job[k], {}).get("state") == v for k, v in want.items()):
+            assert step < steps // 2, "the good job ran too far before the bad one was seen failed"
+            break
+        assert time.monotonic() < deadline, f"jobs never reached {want}: {states}"
+        time.sleep(0.2)
+
+    real, seen = slurm.job_states, []
+    result = sweep.runs_root / good / "results" / "selftest.attempt1.json"
+
+    def read_then_let_the_job_finish(job_ids):
+        answer = real(job_ids)
+        seen.append(answer[job["good"]]["state"])
+        end = time.monotonic() + 120
+        while not result.exists():  # the good job ends after Slurm was read
+            assert time.monotonic() < end, "the good job never wrote its result"
+            time.sleep(0.1)
+        return answer
+
+    monkeypatch.setattr(slurm, "job_states", read_then_let_the_job_finish)
+    counts = reconcile.refresh_states(store, "race")
+    assert seen == ["RUNNING"]  # the refresh really acted on a state older than the result file
+    assert counts == {"finished": 1, "failed": 1, "queued": 1, "cancelled": 1}  # the good run's child waits
+    monkeypatch.setattr(slurm, "job_states", real)
+    assert wait_for_sweep(store, "race", poll_s=0.5, timeout_s=120) == {"finished": 2, "failed": 1, "cancelled": 1}
+
+
+def test_a_completed_job_without_a_result_file_fails_instead_of_waiting_forever(slurm_cluster, tmp_path,
+                                                                                monkeypatch):
+    from orchestrator import reconcile
+
+    path = write_sweep(tmp_path, "nores", slurm_cluster, {"train.seed": [1]}, {}, steps=2, echo=False)
+    sweep = load_sweep(path)
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    (job_id,) = submit_sweep(store, sweep).job_ids.values()
+    settled_states([job_id], [job_id])
+    (sweep.runs_root / sweep.runs[0].run_hash / "results" / "selftest.attempt1.json").unlink()  # lost on the way
+    assert reconcile.refresh_states(store, "nores") == {"queued": 1}  # within the grace: still waiting
+    monkeypatch.setattr(reconcile, "LOST_GRACE_S", 0.0)
+    assert reconcile.refresh_states(store, "nores") == {"failed": 1}
+    (row,) = [st for r in store.runs(sweep="nores") for st in r.stages]
+    assert f"slurm job {job_id} COMPLETED" in row.error_tail and "no result file" in row.error_tail
+
+
 def test_interrupted_checkpointable_stage_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     steps = 40
     path = write_sweep(tmp_path, "rq", slurm_cluster, {"train.seed": [3]}, {"step_s": 0.25}, steps=steps,
