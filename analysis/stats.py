@@ -61,3 +61,20 @@ def not_significant(means, halves, ns, better: str) -> list[bool]:
         if i != best and overlaps(means[i], halves[i], means[best], halves[best]):
             out[i] = True
     return out
+
+
+def welch_interval(a, b, level: float = LEVEL) -> tuple[float, float, float, float]:
+    """``(mean(a) − mean(b), low, high, df)``: the two-sided ``level`` Welch interval of a
+    difference of two configurations' means over their seeds (unequal variances; NaNs where
+    either side has fewer than 2 finite values).  A claim "a < b" is shown when ``high < 0``."""
+    a, b = (np.asarray(x, dtype=float) for x in (a, b))
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) < 2 or len(b) < 2:
+        return (float("nan"),) * 4
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    diff = float(a.mean() - b.mean())
+    if va + vb == 0:
+        return diff, diff, diff, float(len(a) + len(b) - 2)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(_st.t.ppf(0.5 + level / 2, df) * np.sqrt(va + vb))
+    return diff, diff - half, diff + half, float(df)

@@ -111,7 +111,8 @@ def reconcile(store: Store, runs_root: Path) -> list[str]:
                     if (st, h) in pairs and status in ACTIVE and lock_holder(runs_root / h, st) is None:
                         lost[(h, st)] = ("pending", f"{data['executor']} orchestrator (pid {data['pid']}) died; "
                                                     f"requeue with `orchestrate submit`")
-                store.set_states({k: {"status": st, "error_tail": err} for k, (st, err) in lost.items()}, session=s)
+                store.set_states({k: {"status": st, "error_tail": err} for k, (st, err) in lost.items()},
+                                 only_if=ACTIVE, session=s)
             done.append(f"submission {data['id']}: orchestrator pid {data['pid']} is gone, "
                         f"{len(lost)} stage(s) back to pending")
         path.unlink(missing_ok=True)
@@ -293,5 +294,6 @@ def cancel_sweep(store: Store, sweep: str) -> list[str]:
     # whole arrays by their base id: scancel of single elements of a pending array splits it
     # into one controller record per element (2,000 records for a 1,000-run sweep)
     slurm.cancel(sorted({j.split("_")[0] for j in job_ids}))
-    store.set_states({(h, st): {"status": "cancelled", "error_tail": None} for h, st, _ in active})
+    # a stage that ended between the read and scancel keeps its end
+    store.set_states({(h, st): {"status": "cancelled", "error_tail": None} for h, st, _ in active}, only_if=ACTIVE)
     return job_ids

@@ -24,6 +24,7 @@ Run as a subprocess (the ``local`` executor): ``python -m orchestrator.stages ST
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import os
 import socket
@@ -154,6 +155,20 @@ def generator_stage(ctx: StageContext) -> dict:
         _seed_extension(Path(src), ctx.out_dir, ctx.tree)
     resumed_from = _latest_checkpoint(ctx.out_dir)
     return _core_result(generate(ctx.config, _tokenizer_dir(ctx), ctx.out_dir), resumed_from)
+
+
+# the core entry point each stage imports when it runs (lazily: jobs of other stages never
+# import torch models); :func:`preload` imports them ahead of a fork
+CORE_ENTRY = {"tokenizer": "core.train", "finetune": "core.train", "evaluate": "core.evaluate",
+              "generator": "core.generate"}
+
+
+def preload(stages) -> None:
+    """Import the core entry points of ``stages`` in this process.  The local executor calls it
+    before it forks its tasks, so the tasks share one import of torch and the core (~4 CPU s
+    on the 2-core reference machine) instead of each paying it: 72 times in the quickstart."""
+    for module in sorted({CORE_ENTRY[s] for s in stages if s in CORE_ENTRY}):
+        importlib.import_module(module)
 
 
 STAGES: dict[str, Callable[[StageContext], dict]] = {

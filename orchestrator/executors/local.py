@@ -20,7 +20,7 @@ import time
 
 from orchestrator.executors.base import Executor, External, OnQueued
 from orchestrator.plan import Plan
-from orchestrator.stages import next_attempt, run_stage
+from orchestrator.stages import next_attempt, preload, run_stage
 from orchestrator.sweep import Sweep
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -53,9 +53,10 @@ def ready(plan: Plan, h: str, stage: str, states: dict) -> str | None:
 def limit_threads(threads: int) -> None:
     """Give this task ``threads`` intra-op threads, so ``max_parallel`` tasks share the cores.
 
-    The parent usually has not imported torch (validation is torch-free), so the limit must
-    reach torch through the environment before its first import; 2 tasks × 2 spinning OpenMP
-    threads on 2 cores ran the quickstart ~10× slower.  A user's OMP_NUM_THREADS wins.
+    The limit goes into the environment (for a torch not imported yet: a spawned task) and,
+    when the forking parent has already imported torch (:func:`orchestrator.stages.preload`),
+    into torch itself; 2 tasks × 2 spinning OpenMP threads on 2 cores ran the quickstart ~10×
+    slower.  A user's OMP_NUM_THREADS wins.
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
@@ -83,8 +84,9 @@ def _child(stage: str, run_root: str, log: str, threads: int, parent_pid: int) -
 
 
 class LocalExecutor(Executor):
-    """Process pool; processes are forked where the OS allows (the parent has already imported
-    torch and the core; a fresh interpreter would pay that import per task), else spawned."""
+    """Process pool; processes are forked where the OS allows, after the parent imported the
+    core entry points its tasks run (:func:`orchestrator.stages.preload`: a fresh interpreter
+    would pay that import per task), else spawned."""
 
     name = "local"
     blocking = True
@@ -95,6 +97,8 @@ class LocalExecutor(Executor):
             on_queued(arr, {})
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         waiting = [(h, stage) for h in plan.runs for stage in plan.todo[h]]
+        if ctx.get_start_method() == "fork":
+            preload({stage for _, stage in waiting})  # each task sets its own thread count (limit_threads)
         running: dict = {}  # process -> (run_hash, stage)
         states: dict[tuple[str, str], str] = {}
         threads = max(1, (os.cpu_count() or 1) // sweep.spec.max_parallel)

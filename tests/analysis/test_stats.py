@@ -8,7 +8,7 @@ from scipy import stats
 
 from analysis.common import aggregate, prepare
 from analysis.registry import REGISTRY
-from analysis.stats import not_significant, overlaps, t_halfwidth, t_interval
+from analysis.stats import not_significant, overlaps, t_halfwidth, t_interval, welch_interval
 
 
 def test_t_interval_matches_the_textbook_formula():
@@ -22,6 +22,20 @@ def test_t_interval_matches_the_textbook_formula():
     samples = rng.normal(3.0, 2.0, size=(4000, 4))
     hits = [abs(s.mean() - 3.0) <= t_halfwidth(s) for s in samples]
     assert 0.94 < np.mean(hits) < 0.96
+
+
+def test_welch_interval_is_scipys_and_covers_at_the_nominal_rate():
+    a, b = [4.23, 4.80, 4.28], [7.78, 7.28, 7.79, 7.5]
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    diff, lo, hi, df = welch_interval(a, b)
+    assert diff == pytest.approx(np.mean(a) - np.mean(b)) and (lo, hi) == pytest.approx((ref.low, ref.high))
+    assert all(np.isnan(welch_interval([1.0], [2.0, 3.0])))
+    # 3 seeds a side, unequal spread (sd 1 vs 3): ~95 % of intervals hold the true difference
+    # (4,000 studies: a 5 % miss rate is told from 8 % at > 8 standard errors)
+    rng = np.random.default_rng(1)
+    hits = [lo <= -2.0 <= hi for lo, hi in
+            (welch_interval(rng.normal(1.0, 1.0, 3), rng.normal(3.0, 3.0, 3))[1:3] for _ in range(4000))]
+    assert 0.935 < np.mean(hits) < 0.975
 
 
 def test_overlap_rule():

@@ -42,6 +42,18 @@ def test_synthetic_is_deterministic_and_streams_differ():
     assert not np.array_equal(a.render_uint8(5), SyntheticShapes("train", 50, 32, seed=1).render_uint8(5))
 
 
+def test_synthetic_render_cache_returns_the_same_bytes_and_cannot_be_corrupted(monkeypatch):
+    from core.data import synthetic
+
+    cached = SyntheticShapes("train", 50, 32)
+    first = cached.render_uint8(7)
+    first[:] = 0  # a caller scribbling on its image does not reach the cache
+    again = cached.render_uint8(7)
+    assert _digest(again) == _digest(SyntheticShapes("train", 50, 32).render_uint8(7)) != _digest(first)
+    monkeypatch.setattr(synthetic, "CACHE_BYTES", 0)  # a split too large to keep: drawn each time
+    assert SyntheticShapes("train", 50, 32)._cache is None
+
+
 def test_synthetic_item_format_and_labels():
     ds = build_dataset(DataConfig(image_size=32, num_classes=12, train_size=48), "train")
     assert len(ds) == 48 and ds.num_classes == 12 and len(set(ds.classes)) == 12
