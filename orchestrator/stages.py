@@ -10,8 +10,8 @@ file via :func:`orchestrator.results.write_result_file`; jobs never open the dat
 One run directory, one process: a stage holds an exclusive ``flock`` on
 ``{run_root}/{stage}/.lock`` (holder pid, host and start time written in it) from before it
 picks its attempt number until its result file is written, on every executor.  A second
-start of the same stage raises :class:`StageLocked` ("... locked by pid P on H since T") and
-writes nothing in the run directory.
+start of the same stage raises :class:`StageLocked` ("... is locked by pid P on H since T") and
+writes nothing in the run directory (the lock is :mod:`core.dirlock`, shared with core).
 
 A stage result is shared by every run (of any sweep) whose stage has the same identity
 (:mod:`orchestrator.identity`): ``run.json`` may carry ``upstream: {stage: absolute dir}``
@@ -23,7 +23,6 @@ Run as a subprocess (the ``local`` executor): ``python -m orchestrator.stages ST
 """
 from __future__ import annotations
 
-import fcntl
 import importlib
 import json
 import os
@@ -38,6 +37,7 @@ from typing import Any, Callable
 import submitit
 import yaml
 
+from core import dirlock
 from core.config import RunConfig, load_config
 from orchestrator import builtin_stages as builtin
 from orchestrator.results import make_payload, result_path, write_result_file
@@ -258,49 +258,23 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-class StageLocked(RuntimeError):
-    """Another process holds this stage of this run directory."""
+StageLocked = dirlock.DirLocked  # another process runs this stage of this run
 
 
 def lock_path(run_root: str | Path, stage: str) -> Path:
-    return Path(run_root) / stage / ".lock"
+    return Path(run_root) / stage / dirlock.LOCK_FILE
 
 
 def acquire_stage_lock(run_root: str | Path, stage: str) -> int:
-    """Take the stage's exclusive lock (non-blocking); returns the fd that holds it.
-
-    The lock lives as long as the fd (the process): a killed holder releases it.  Raises
-    :class:`StageLocked` naming the holder when another process has it.
-    """
-    path = lock_path(run_root, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise StageLocked(f"stage {stage} of run {run_root} is locked by {holder}: not starting it twice") from None
-    me = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
-    job = os.environ.get("SLURM_JOB_ID")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (me + (f" (slurm job {job})" if job else "") + "\n").encode(), 0)
-    return fd
+    """Take the stage's lock (:mod:`core.dirlock` on ``{run_root}/{stage}``, the directory core's
+    own run-directory lock guards); returns the fd that holds it.  Raises :class:`StageLocked`
+    naming the holder when another process has it."""
+    return dirlock.acquire(Path(run_root) / stage)
 
 
 def lock_holder(run_root: str | Path, stage: str) -> str | None:
-    """Who holds the stage's lock now (None: nobody; the probe takes and drops it)."""
-    path = lock_path(run_root, stage)
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-    finally:
-        os.close(fd)
+    """Who holds the stage's lock now (None: nobody)."""
+    return dirlock.holder(Path(run_root) / stage)
 
 
 def run_stage(stage: str, run_root: str | Path) -> str:

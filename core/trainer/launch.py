@@ -12,27 +12,25 @@
    ``sbatch --ntasks=8`` job is not a step (it is one process): it runs alone, with a warning.
 3. Otherwise one process.
 
-One launch per run directory: rank 0 holds an exclusive ``flock`` on ``run_dir/.lock`` for
-the life of the stage, the lock the orchestrator's stage lock takes on the same directory
-(``orchestrator.stages.acquire_stage_lock``, same file, same holder line).  A process that
-already holds it (the orchestrator's rank 0 calling a core entry point) is let through.
+One launch per run directory: rank 0 holds :mod:`core.dirlock` on ``run_dir`` for the life of
+the stage, the lock the orchestrator's stage lock takes on the same directory
+(``orchestrator.stages.acquire_stage_lock``).  A process that already holds it (the
+orchestrator's rank 0 calling a core entry point) is let through.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import random
 import re
-import socket
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
+from core import dirlock
+
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -109,42 +107,20 @@ def torch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 # ----------------------------------------------------------------------------- run-directory lock
 
 
-class RunDirLocked(RuntimeError):
-    """Another process holds the run directory."""
-
-
-def _holder_line() -> str:
-    me = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
-    job = os.environ.get("SLURM_JOB_ID")
-    return me + (f" (slurm job {job})" if job else "")
-
-
-def _held_by_me(holder: str) -> bool:
-    return holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} ")
+RunDirLocked = dirlock.DirLocked
 
 
 def lock_run_dir(run_dir: str | Path) -> int | None:
-    """Take ``run_dir/.lock`` exclusively (non-blocking); returns the fd that holds it.
+    """Take the run directory's lock (:mod:`core.dirlock`); returns the fd that holds it.
 
     None when this process holds it already (through another fd: the orchestrator's stage
-    lock), which then stays the holder.  The lock lives as long as the fd or the process:
-    a killed holder releases it.  Raises :class:`RunDirLocked` naming the holder.
-    """
-    path = Path(run_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock), which then stays the holder.  Raises :class:`RunDirLocked` naming the holder."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        os.close(fd)
-        if _held_by_me(holder):
+        return dirlock.acquire(run_dir)
+    except dirlock.DirLocked as e:
+        if dirlock.held_by_me(e.holder):
             return None
-        raise RunDirLocked(f"run directory {run_dir} is in use by {holder or 'another process'}: "
-                           "not starting a second process on it") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (_holder_line() + "\n").encode(), 0)
-    return fd
+        raise
 
 
 def unlock_run_dir(fd: int | None) -> None:

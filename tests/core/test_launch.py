@@ -170,7 +170,7 @@ def test_srun_trains_data_parallel_and_a_held_run_directory_refuses_every_rank(s
     finally:
         os.close(lock)
     assert proc.returncode != 0
-    refused = [line for line in err.splitlines() if f"is in use by pid {os.getpid()}" in line]
+    refused = [line for line in err.splitlines() if f"is locked by pid {os.getpid()}" in line]
     assert {line.split(":")[0].strip() for line in refused} == {"0", "1"}, err[-3000:]  # every task says why
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
 
@@ -228,7 +228,7 @@ def test_the_run_directory_lock_is_the_stage_lock(tiny_config, tmp_path):
         cmd = [sys.executable, "-m", "core.train", "--run-dir", str(run_dir)]
         cmd += [a for item in TINY_SET for a in ("--set", item)]
         second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert second.returncode != 0 and f"is in use by pid {os.getpid()} on " in second.stderr, second.stderr[-2000:]
+        assert second.returncode != 0 and f"is locked by pid {os.getpid()} on " in second.stderr, second.stderr[-2000:]
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written
         result = train(tiny_config(**{"train.steps": 2}), run_dir)
         assert result["info"]["steps"] == 2

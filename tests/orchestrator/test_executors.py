@@ -108,7 +108,7 @@ def test_two_concurrent_starts_of_one_stage_one_runs_one_refuses(tmp_path):
     second = subprocess.run([sys.executable, "-m", "orchestrator.stages", "selftest", str(root)],
                             capture_output=True, text=True, timeout=60)
     assert second.returncode == 1
-    assert f"locked by pid {first.pid} on " in second.stderr
+    assert f"is locked by pid {first.pid} on " in second.stderr
     assert first.wait(timeout=60) == 0
     files = sorted((root / "results").glob("*.json"))
     assert [f.name for f in files] == ["selftest.attempt1.json"]

@@ -151,7 +151,7 @@ def test_second_slurm_job_on_a_running_stage_refuses_and_changes_nothing(slurm_c
     ex = submitit.SlurmExecutor(folder=tmp_path / "dup" / "%j")
     ex.update_parameters(time=10, cpus_per_task=1, mem="256MB", partition=slurm_cluster)
     dup = ex.submit(StageTask("selftest", str(root)))
-    with pytest.raises(submitit.core.utils.FailedJobError, match="locked by pid"):
+    with pytest.raises(submitit.core.utils.FailedJobError, match="is locked by pid"):
         dup.result()
     wait_for_sweep(store, name, poll_s=1, timeout_s=150)
     assert [f.name for f in sorted((root / "results").glob("*.json"))] == ["selftest.attempt1.json"]
