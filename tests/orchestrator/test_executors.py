@@ -241,6 +241,14 @@ def test_job_requeued_held_after_a_special_exit_is_final(slurm_cluster, tmp_path
         subprocess.run(["scancel", jid], capture_output=True)
 
 
+def _without_thread_env(code: str) -> list[str]:
+    """stdout lines of ``code`` run by a fresh interpreter with no OMP/MKL thread settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
 def test_forked_local_tasks_inherit_the_preloaded_core_and_still_get_their_thread_limit():
     """The local executor imports the tasks' core entry points once, then forks: a task finds
     torch and its entry point already imported (no per-task import: ~4 CPU s × 72 tasks in the
@@ -255,10 +263,7 @@ def test_forked_local_tasks_inherit_the_preloaded_core_and_still_get_their_threa
             "    q.put((had, sys.modules['torch'].get_num_threads()))\n"
             "q = mp.get_context('fork').Queue()\n"
             "p = mp.get_context('fork').Process(target=child, args=(q,)); p.start(); print(q.get()); p.join()\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[-2] == "(True, 1)"
+    assert _without_thread_env(code)[-1] == "(True, 1)"
 
 
 def test_local_task_thread_limit_reaches_torch_imported_after_fork():
@@ -271,7 +276,4 @@ def test_local_task_thread_limit_reaches_torch_imported_after_fork():
             "limit_threads(1)\n"
             "import torch\n"
             "print(torch.get_num_threads())\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == "1"
+    assert _without_thread_env(code)[-1] == "1"
