@@ -20,11 +20,12 @@ LOCK_FILE = ".lock"
 
 
 class DirLocked(RuntimeError):
-    """Another process holds the directory (``holder``: its line, or "another process")."""
+    """Another process holds the directory; ``holder`` is its line (empty when the error is
+    re-raised from its message alone, e.g. on the ranks that rank 0 told)."""
 
-    def __init__(self, directory: str | Path, holder: str):
-        super().__init__(f"{directory} is locked by {holder}: not starting a second process on it")
-        self.directory, self.holder = Path(directory), holder
+    def __init__(self, message: str, holder: str = ""):
+        super().__init__(message)
+        self.holder = holder
 
 
 def holder_line() -> str:
@@ -51,7 +52,7 @@ def acquire(directory: str | Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise DirLocked(directory, holder) from None
+        raise DirLocked(f"{directory} is locked by {holder}: not starting a second process on it", holder) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, (holder_line() + "\n").encode(), 0)
     return fd

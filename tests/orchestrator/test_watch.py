@@ -39,10 +39,12 @@ def write_sweep(tmp_path, executor="local", steps=6, step_s=0.4, partition=None,
 
 def start(tmp_path, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # its own process group, like a terminal's foreground job: Ctrl-C = SIGINT to the whole group
+    # its own process group, like a terminal's foreground job: Ctrl-C = SIGINT to the whole group.
+    # SIGINT back to its default: a suite started in the background of a non-interactive shell
+    # (`.ci/run &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     return subprocess.Popen([*ORCHESTRATE, *args, "--db", f"sqlite:///{tmp_path / 'r.db'}"], cwd=ROOT, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def ctrl_c(proc) -> None:
