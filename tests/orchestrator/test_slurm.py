@@ -94,11 +94,13 @@ def test_arrays_dependencies_failure_retry_and_resubmit(slurm_cluster, tmp_path,
     good = [h for h in runs if h != bad]
     assert all(rows[(h, s)].status == "finished" for h in good for s in ("selftest", "echo"))
 
-    # each child element started only after its own parent element ended
-    states = settled_states(list(ids.values()), [ids[(h, s)] for h in good for s in ("selftest", "echo")])
+    # each child element started only after its own parent element ended: the stage wrappers' own
+    # times (sacct may report Start=None for a 1-second array element long after it ended: seen in CI)
+    states = settled_states(list(ids.values()), [])
     for h in good:
-        parent, child = states[ids[(h, "selftest")]], states[ids[(h, "echo")]]
-        assert sacct_time(child["start"]) >= sacct_time(parent["end"])
+        res = {s: json.loads((tmp_path / "runs" / "sl" / h / "results" / f"{s}.attempt1.json").read_text())
+               for s in ("selftest", "echo")}
+        assert datetime.fromisoformat(res["echo"]["started_at"]) >= datetime.fromisoformat(res["selftest"]["ended_at"])
     assert states[ids[(bad, "selftest")]]["state"] == "FAILED"
     assert states[ids[(bad, "echo")]]["state"] == "CANCELLED"
 
