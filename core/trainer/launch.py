@@ -32,7 +32,6 @@ from core import dirlock
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class LaunchEnv:
     rank: int = 0
